@@ -1,0 +1,77 @@
+"""Multi-Student Distillation generator: K one-step students and the label partition as one module.
+
+    MSD(z, y) = G_{k(y)}(z, y),   k(y) = the student that owns class y          (MSD sec. 3.1, Fig. 2)
+
+Each label is routed to its student by a table lookup; every student runs once, on the sub-batch
+of labels it owns, and the images come back in input order. One image still costs one network
+evaluation (of a student that may be smaller than the teacher).
+
+A checkpoint is one file holding the partition, every student's NetConfig and state_dict, and the
+run's config; it loads with torch.load(weights_only=True), so opening it never runs code.
+Run: python sample.py --ckpt runs/fashion/msd.pt --grid grid.png
+"""
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+import partition as P
+from student import Student
+from teacher import net_config_from_dict
+
+
+class MSD(nn.Module):
+    def __init__(self, students, groups, num_classes):
+        super().__init__()
+        self.groups = P.validate(groups, num_classes)
+        if len(students) != len(self.groups):
+            raise ValueError(f'{len(students)} students for a partition of {len(self.groups)} groups')
+        self.num_classes = num_classes
+        self.students = nn.ModuleList(students)
+        self.register_buffer('student_of', P.routing_table(self.groups, num_classes), persistent=False)
+
+    def route(self, labels):
+        """labels [N] (ints) -> student index [N]."""
+        labels = labels.long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f'labels must lie in 0..{self.num_classes - 1}, got {labels.min().item()}..{labels.max().item()}')
+        return self.student_of[labels]
+
+    def forward(self, z, labels):
+        """One network evaluation per image: x[i] = G_{k(labels[i])}(z[i], labels[i])."""
+        owner = self.route(labels)
+        out = torch.empty_like(z)
+        for k, student in enumerate(self.students):
+            idx = (owner == k).nonzero().squeeze(1)
+            if idx.numel():
+                out[idx] = student(z[idx], labels[idx]).to(out.dtype)
+        return out
+
+
+def msd_checkpoint(students, groups, num_classes, config: dict, **extra) -> dict:
+    """One plain dict: loadable with weights_only=True (tensors, lists, numbers, strings only)."""
+    return dict(kind='msd', num_classes=num_classes, partition=[list(g) for g in groups],
+                sigma_max=students[0].sigma_max,
+                students=[dict(net=asdict(s.net.cfg), state_dict=s.state_dict()) for s in students],
+                config=config, **extra)
+
+
+def load_msd(path, map_location='cpu', num_classes=None) -> MSD:
+    """Load an MSD checkpoint; refuses other kinds of file and, if given, another label count."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})') from None
+    if not isinstance(ckpt, dict) or ckpt.get('kind') != 'msd':
+        kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f'{path} is not an MSD checkpoint (kind={kind!r})')
+    if num_classes is not None and ckpt['num_classes'] != num_classes:
+        raise ValueError(f'{path} was trained for {ckpt["num_classes"]} classes, this data has {num_classes}')
+    students = []
+    for s in ckpt['students']:
+        st = Student(net_config_from_dict(s['net']), ckpt['sigma_max'])
+        st.load_state_dict(s['state_dict'])
+        students.append(st)
+    return MSD(students, ckpt['partition'], ckpt['num_classes']).eval().requires_grad_(False)

