@@ -1,0 +1,356 @@
+"""Tests on CPU, under two minutes:  python -m pytest -q test_msd.py
+
+Closed forms where they exist (preconditioning at F = 0, the exact denoiser of a Gaussian, the DM
+gradient formula), invariants elsewhere (partitions, routing, checkpoints), and tiny end-to-end runs
+of every stage, in one process and in two gloo processes through torchrun.
+"""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import losses as L
+import partition as P
+import sample as S
+from msd import MSD, load_msd, msd_checkpoint
+from student import FakeScore, GANHead, Student, student_config
+from teacher import NetConfig, build_net, heun_sampler, load_teacher, seeded_noise, teacher_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = NetConfig(img_resolution=8, img_channels=1, label_dim=6, model_channels=8, channel_mult=(1, 2),
+                 num_blocks=1, attn_resolutions=(4,), dropout=0.0, channels_per_head=8)
+HAVE_DATA = os.path.exists(S.FASHION_DIR)
+
+
+def randomize(net, seed=0):
+    """Give every parameter (including the zero-initialised ones) a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net
+
+
+# ---------------------------------------------------------------- EDM preconditioning and sampler
+
+def test_preconditioning_at_init_is_c_skip():
+    """A fresh network has F = 0 (zero-initialised out_conv), so D(x; sigma) = c_skip x exactly."""
+    net = build_net(TINY).eval()
+    x = torch.randn(5, 1, 8, 8)
+    sigma = torch.tensor([0.002, 0.1, 0.5, 3.0, 80.0])
+    c_skip = (0.25 / (sigma ** 2 + 0.25)).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(net(x, sigma, torch.arange(5)), c_skip * x)
+
+
+def test_preconditioning_coefficients():
+    net = build_net(TINY)
+    sigma = torch.logspace(-3, 2, 50)
+    c_skip, c_out, c_in, c_noise = net.precond(sigma)
+    sd = 0.5
+    # The target of F, (x - c_skip x_noisy) / c_out, has unit variance, and c_skip + c_out^2 / sd^2 = 1.
+    torch.testing.assert_close(c_skip + c_out ** 2 / sd ** 2, torch.ones_like(sigma))
+    torch.testing.assert_close(c_in ** 2 * (sigma ** 2 + sd ** 2), torch.ones_like(sigma))
+    torch.testing.assert_close(c_noise, sigma.log() / 4)
+    torch.testing.assert_close(L.edm_weight(sigma), 1 / sigma ** 2 + 1 / sd ** 2)
+    # lambda(sigma) c_out^2 = 1: EDM's weighting makes the F-space loss unit-weighted.
+    torch.testing.assert_close(L.edm_weight(sigma) * c_out ** 2, torch.ones_like(sigma))
+
+
+def test_labels_one_hot_equals_integer_and_change_output():
+    net = randomize(build_net(TINY)).eval()
+    x, s = torch.randn(4, 1, 8, 8), torch.full((4,), 1.0)
+    y = torch.tensor([0, 1, 2, 5])
+    torch.testing.assert_close(net(x, s, y), net(x, s, torch.nn.functional.one_hot(y, 6).float()))
+    assert (net(x, s, y) - net(x, s, (y + 1) % 6)).abs().max() > 1e-3
+
+
+def test_heun_on_gaussian_matches_exact_distribution():
+    """Data N(mu, s^2) per pixel has the exact denoiser D(x; sigma) = mu + s^2/(s^2 + sigma^2)(x - mu),
+    and the probability-flow ODE maps N(0, 80^2) onto N(mu, s^2). With 256 steps the sampler's
+    output distribution must match it; at 18 steps (35 NFE) it must equal the Heun recurrence
+    for this linear ODE worked out by hand: (x - mu) is multiplied by a fixed factor per step."""
+    mu, s = 0.3, 0.2
+    calls = []
+
+    def D(x, sigma, labels):
+        calls.append(1)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype)
+        return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
+
+    z = seeded_noise(range(4000), (1, 1, 1))
+    x = heun_sampler(D, z, None, num_steps=256)
+    assert abs(x.mean().item() - mu) < 0.01
+    assert abs(x.std().item() - s) < 0.01
+
+    calls.clear()
+    x = heun_sampler(D, z, None, num_steps=18)
+    assert len(calls) == 35                                            # 2N - 1 evaluations
+    # dx/dsigma = (x - D) / sigma = (x - mu) sigma / (s^2 + sigma^2) =: (x - mu) f(sigma).
+    rho, N = 7, 18
+    t = [(80 ** (1 / rho) + i / (N - 1) * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho for i in range(N)] + [0.0]
+    f = lambda sig: sig / (s ** 2 + sig ** 2)
+    factor = 1.0
+    for i in range(N):
+        h = t[i + 1] - t[i]
+        euler = 1 + h * f(t[i])
+        factor *= euler if i == N - 1 else 1 + h * 0.5 * (f(t[i]) + euler * f(t[i + 1]))
+    expected = mu + (80 * z.double() - mu) * factor
+    assert (x.double() - expected).abs().max() < 1e-5
+    assert abs(80 * factor - s) < 0.02                                 # and it is close to exact
+
+
+def test_seeded_noise_is_batch_independent():
+    a = seeded_noise([3, 7, 11], (1, 4, 4))
+    b = seeded_noise([7], (1, 4, 4))
+    torch.testing.assert_close(a[1], b[0])
+
+
+# ---------------------------------------------------------------- losses
+
+def test_dm_gradient_equals_formula_and_vanishes_when_fake_is_real():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    a, b = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)          # D_real, D_fake outputs
+    D_real = lambda x_t, sigma, y: a
+    D_fake = lambda x_t, sigma, y: b
+    L.dm_loss(D_real, D_fake, x, None, L.sigma_grid()).mean().backward()
+    w = (x.detach() - a).abs().flatten(1).mean(1).reshape(-1, 1, 1, 1)
+    g = (b - a) / w                                                   # DMD eq. 8
+    torch.testing.assert_close(x.grad, g / 16 / 3)                    # / numel per sample / batch
+    # A gradient-descent step moves x toward the teacher's estimate a, away from the fake one b.
+    x2 = x.detach() - 0.1 * x.grad * 48
+    assert ((x2 - a).norm() < (x.detach() - a).norm()) and ((x2 - b).norm() > (x.detach() - b).norm())
+    x.grad = None
+    L.dm_loss(D_real, D_real, x, None, L.sigma_grid()).mean().backward()
+    assert x.grad.abs().max() == 0
+
+
+def test_sigma_grid_is_karras_ascending():
+    grid = L.sigma_grid(1000)
+    assert abs(grid[0].item() - 0.002) < 1e-6 and abs(grid[-1].item() - 80) < 1e-3
+    assert (grid[1:] > grid[:-1]).all()
+    sig = L.sample_grid_sigma(10000, grid, 0.02, 0.98)
+    assert sig.min() >= grid[20] and sig.max() <= grid[979]
+
+
+def test_edm_and_tsm_losses_closed_form():
+    """A perfect denoiser of a point mass at x0 gives zero EDM loss; TSM against itself is zero,
+    and TSM against a denoiser off by a constant c is lambda(sigma) c^2."""
+    x0 = torch.randn(4, 1, 4, 4)
+    perfect = lambda x_t, sigma, y: x0
+    assert L.edm_loss(perfect, x0, None).abs().max() == 0
+    assert L.tsm_loss(perfect, perfect, x0, None).abs().max() == 0
+    sigma = torch.full((4, 1, 1, 1), 2.0)
+    off = lambda x_t, sigma, y: x0 + 0.1
+    torch.testing.assert_close(L.tsm_loss(off, perfect, x0, None, sigma=sigma), L.edm_weight(sigma).flatten() * 0.01)
+
+
+def test_gan_losses_closed_form():
+    grid = L.sigma_grid()
+    x = torch.randn(2, 1, 4, 4)
+    const = lambda v: (lambda x_t, sigma, y: torch.full((x_t.shape[0],), v))
+    sp = lambda v: math.log1p(math.exp(v))
+    torch.testing.assert_close(L.gan_critic_loss(const(0.5), x, None, x, None, grid), torch.full((2,), sp(0.5) + sp(-0.5)))
+    torch.testing.assert_close(L.gan_generator_loss(const(2.0), x, None, grid), torch.full((2,), sp(-2.0)))
+
+
+def test_gan_head_shapes():
+    assert GANHead(768, 8)(torch.randn(2, 768, 8, 8)).shape == (2,)       # ImageNet-64 bottleneck
+    assert GANHead(64, 7)(torch.randn(3, 64, 7, 7)).shape == (3,)         # Fashion-MNIST bottleneck
+    fake = FakeScore(build_net(TINY))
+    assert fake.critic(torch.randn(3, 1, 8, 8), torch.ones(3), torch.tensor([0, 1, 2])).shape == (3,)
+
+
+# ---------------------------------------------------------------- partitions and routing
+
+@pytest.mark.parametrize('strategy', P.STRATEGIES)
+@pytest.mark.parametrize('C,K', [(10, 1), (10, 3), (10, 4), (10, 10), (1000, 4), (7, 7)])
+def test_partition_invariants(strategy, C, K):
+    emb = torch.randn(C, 5, generator=torch.Generator().manual_seed(1))
+    groups = P.make_partition(strategy, C, K, seed=3, embeddings=emb)
+    flat = sorted(c for g in groups for c in g)
+    assert flat == list(range(C)) and len(groups) == K
+    sizes = [len(g) for g in groups]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert P.make_partition(strategy, C, K, seed=3, embeddings=emb) == groups      # seeded, reproducible
+
+
+def test_partition_contiguous_and_kmeans_recover_structure():
+    assert P.make_partition('contiguous', 10, 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    # Four well-separated clusters of 3 classes each, interleaved in class order.
+    centers = torch.eye(4) * 100
+    emb = torch.stack([centers[c % 4] + 0.1 * torch.randn(4) for c in range(12)])
+    groups = P.make_partition('kmeans', 12, 4, embeddings=emb)
+    assert sorted(groups) == sorted([[c for c in range(12) if c % 4 == j] for j in range(4)])
+
+
+def test_partition_rejects_bad_input():
+    for bad in ([[0, 1], [1, 2]], [[0, 1], []], [[0, 1, 2, 3]], [[0, 1], [2, 3, 4]]):
+        with pytest.raises(ValueError):
+            P.validate(bad, 4)
+    for k in (0, 5):
+        with pytest.raises(ValueError):
+            P.make_partition('contiguous', 4, k)
+    with pytest.raises(ValueError):
+        P.make_partition('alphabetical', 4, 2)
+
+
+class Spy(Student):
+    """A student that records the labels it is asked for and paints its index into the image."""
+
+    def __init__(self, k):
+        super().__init__(TINY)
+        self.k, self.seen = k, []
+
+    def forward(self, z, labels):
+        self.seen += labels.tolist()
+        return torch.full_like(z, float(self.k))
+
+
+def test_routing_each_student_sees_only_its_labels_and_order_is_kept():
+    groups = P.make_partition('random', 6, 3, seed=5)
+    msd = MSD([Spy(k) for k in range(3)], groups, 6)
+    labels = torch.randint(6, (50,), generator=torch.Generator().manual_seed(0))
+    out = msd(torch.randn(50, 1, 8, 8), labels)
+    owner = P.route(labels, groups, 6)
+    assert torch.equal(out[:, 0, 0, 0].long(), owner)
+    for k, st in enumerate(msd.students):
+        assert set(st.seen) <= set(groups[k]) and len(st.seen) == int((owner == k).sum())
+    with pytest.raises(ValueError):
+        msd(torch.randn(1, 1, 8, 8), torch.tensor([6]))
+
+
+# ---------------------------------------------------------------- students and checkpoints
+
+def test_student_is_copy_of_teacher_and_smaller_student_is_smaller():
+    teacher = randomize(build_net(TINY)).eval()
+    st = Student.from_teacher(teacher)
+    z, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 4])
+    torch.testing.assert_close(st(z, y), teacher(80 * z, 80.0, y))        # G(z, y) = D(80 z; 80, y)
+    small = Student.from_teacher(teacher, width=0.5)
+    assert small.net.cfg.model_channels == 4
+    assert sum(p.numel() for p in small.parameters()) < 0.5 * sum(p.numel() for p in st.parameters())
+    assert student_config(TINY, 1.0).model_channels == TINY.model_channels
+
+
+def test_checkpoint_round_trip(tmp_path):
+    teacher = randomize(build_net(TINY))
+    students = [randomize(Student.from_teacher(teacher, w), seed=k) for k, w in enumerate((1.0, 0.5))]
+    groups = [[0, 2, 4], [1, 3, 5]]
+    path = str(tmp_path / 'msd.pt')
+    torch.save(msd_checkpoint(students, groups, 6, dict(note='test')), path)
+    torch.load(path, weights_only=True)                                   # plain data only
+    msd = load_msd(path)
+    z, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    ref = MSD(students, groups, 6).eval()
+    torch.testing.assert_close(msd(z, y), ref(z, y))
+    with pytest.raises(ValueError, match='trained for 6 classes'):
+        load_msd(path, num_classes=10)
+    tpath = str(tmp_path / 'teacher.pt')
+    torch.save(teacher_checkpoint(teacher), tpath)
+    torch.testing.assert_close(load_teacher(tpath)(z, torch.ones(6), y), teacher.eval()(z, torch.ones(6), y))
+    with pytest.raises(ValueError, match='not an MSD checkpoint'):
+        load_msd(tpath)
+    with pytest.raises(ValueError, match='not a teacher checkpoint'):
+        load_teacher(path)
+
+
+# ---------------------------------------------------------------- data
+
+def test_edm_zip_dataset(tmp_path):
+    path = tmp_path / 'ds.zip'
+    with zipfile.ZipFile(path, 'w') as zf:
+        labels = []
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(buf, format='PNG')
+            zf.writestr(f'00000/img{i:08d}.png', buf.getvalue())
+            labels.append([f'00000/img{i:08d}.png', i % 3])
+        zf.writestr('dataset.json', json.dumps({'labels': labels}))
+    data = S.load_data(str(path))
+    assert data.shape == (3, 8, 8) and data.num_classes == 3 and len(data) == 6
+    x, y = data.get(torch.tensor([5, 1]))
+    assert y.tolist() == [2, 1] and abs(x[0].mean().item() - (200 / 127.5 - 1)) < 1e-6
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_fashion_mnist_reads():
+    data = S.load_data('')
+    assert len(data) == 60000 and data.shape == (1, 28, 28) and data.num_classes == 10
+    x, _ = data.get(torch.arange(100))
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.3
+
+
+# ---------------------------------------------------------------- end to end
+
+def run_cli(args, torchrun=0, timeout=170):
+    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [])
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run(cmd + args, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+TINY_RUN = ['--preset', 'smoke', '--teacher_steps', '4', '--tsm_steps', '2', '--dm_steps', '2', '--adm_steps', '1',
+            '--regression_pairs', '4', '--heun_steps', '2']
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_every_stage_then_sample_and_resume(tmp_path):
+    import train
+    out = str(tmp_path / 'run')
+    train.main(train.parse_args(TINY_RUN + ['--out', out, '--students', '3']))
+    for f in ('config.json', 'teacher.pt', 'msd.pt', 'metrics.jsonl', 'grids/msd.png', 'grids/teacher.png'):
+        assert os.path.exists(os.path.join(out, f)), f
+    stages = {json.loads(l).get('stage') for l in open(os.path.join(out, 'metrics.jsonl'))}
+    assert {'teacher', 'tsm', 'dm', 'adm'} <= stages
+    msd = load_msd(os.path.join(out, 'msd.pt'), num_classes=10)
+    assert len(msd.students) == 3 and msd.groups == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert msd.students[0].net.cfg.model_channels < load_teacher(os.path.join(out, 'teacher.pt')).cfg.model_channels
+    ckpt = torch.load(os.path.join(out, 'msd.pt'), weights_only=True)
+    assert ckpt['config']['students'] == 3 and ckpt['partition'] == msd.groups
+    # A finished run folder resumes to a no-op: same msd.pt content.
+    before = {k: v.clone() for k, v in msd.state_dict().items()}
+    train.main(train.parse_args(TINY_RUN + ['--out', out, '--students', '3']))
+    after = load_msd(os.path.join(out, 'msd.pt')).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    S.main(['--ckpt', os.path.join(out, 'msd.pt'), '--grid', str(tmp_path / 'g.png'), '--per_class', '2'])
+    assert Image.open(tmp_path / 'g.png').size == (2 * 30 + 2, 10 * 30 + 2)
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_torchrun_two_gloo_processes(tmp_path):
+    out = str(tmp_path / 'ddp')
+    r = run_cli(['train.py'] + TINY_RUN + ['--out', out, '--students', '4'], torchrun=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '2 rank(s)' in r.stdout
+    msd = load_msd(os.path.join(out, 'msd.pt'))
+    labels = torch.arange(10)
+    assert msd.route(labels).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    assert all(os.path.exists(os.path.join(out, f'student{k}.pt')) for k in range(4))
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--students', '0'], 'between 1 and the number of classes'),
+    (['--students', '11'], 'between 1 and the number of classes'),
+    (['--partition', 'alphabetical'], 'unknown partition'),
+    (['--stages', 'teacher,distill'], 'unknown stage'),
+    (['--data', '/nonexistent/folder'], 'data not found'),
+])
+def test_bad_input_one_line_error(args, message):
+    r = run_cli(['train.py', '--out', '/tmp/msd-bad-input'] + args)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().count('\n') == 0 and message in r.stderr
+
+
+def test_sample_rejects_wrong_checkpoint_kind(tmp_path):
+    p = str(tmp_path / 'x.pt')
+    torch.save({'kind': 'student'}, p)
+    r = run_cli(['sample.py', '--ckpt', p, '--grid', str(tmp_path / 'g.png')])
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and r.stderr.strip().startswith('error:')
