@@ -17,7 +17,7 @@ from torch import nn
 
 import partition as P
 from student import Student
-from teacher import net_config_from_dict
+from teacher import net_config_from_dict, read_checkpoint
 
 
 class MSD(nn.Module):
@@ -58,15 +58,7 @@ def msd_checkpoint(students, groups, num_classes, config: dict, **extra) -> dict
 
 def load_msd(path, map_location='cpu', num_classes=None) -> MSD:
     """Load an MSD checkpoint; refuses other kinds of file and, if given, another label count."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})') from None
-    if not isinstance(ckpt, dict) or ckpt.get('kind') != 'msd':
-        kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f'{path} is not an MSD checkpoint (kind={kind!r})')
+    ckpt = read_checkpoint(path, 'msd', map_location)
     if num_classes is not None and ckpt['num_classes'] != num_classes:
         raise ValueError(f'{path} was trained for {ckpt["num_classes"]} classes, this data has {num_classes}')
     students = []

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from msd import MSD, load_msd
-from teacher import EDMPrecond, heun_sampler, load_teacher, seeded_noise, to_uint8
+from teacher import EDMPrecond, heun_sampler, load_teacher, read_checkpoint, seeded_noise, to_uint8
 
 FASHION_DIR = '/usr/share/datasets/fashion-mnist'
 CACHE = os.environ.get('MSD_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'msd'))
@@ -118,9 +118,9 @@ def load_data(path='') -> ImageData:
 # ----------------------------------------------------------------------------------------------
 # Generators and grids. A generator is any callable gen(z, labels) -> images in [-1, 1].
 
-def heun(net, z, labels, num_steps=18):
+def heun(net, z, labels, num_steps=18, sigma_max=80.0):
     """The teacher as a generator: EDM's deterministic Heun sampler from noise z (2N-1 NFE)."""
-    return heun_sampler(net, z, labels, num_steps)
+    return heun_sampler(net, z, labels, num_steps, sigma_max=sigma_max)
 
 
 def generate(gen, seeds, labels, shape, device='cpu', batch=256):
@@ -164,19 +164,13 @@ def save_grid(grid, path):
 
 def load_generator(path, device='cpu', heun_steps=18):
     """An MSD or teacher checkpoint -> (generator callable, NetConfig, description, nfe)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'no checkpoint at {path}')
-    try:
-        kind = torch.load(path, map_location='cpu', weights_only=True).get('kind')
-    except Exception as e:
-        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__})') from None
+    kind = read_checkpoint(path, ('msd', 'teacher'))['kind']
     if kind == 'msd':
         msd = load_msd(path).to(device)
         return msd, msd.students[0].net.cfg, f'MSD, {len(msd.students)} students', 1
     if kind == 'teacher':
         net = load_teacher(path).to(device)
         return (lambda z, y: heun(net, z, y, heun_steps)), net.cfg, 'teacher (Heun)', 2 * heun_steps - 1
-    raise ValueError(f'{path} is a {kind!r} checkpoint; give an MSD (msd.pt) or teacher (teacher.pt) checkpoint')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Run:  python train.py --stages teacher            (trains one on Fashion-MNIST)
       python sample.py --ckpt runs/fashion/teacher.pt --grid teacher.png
 """
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -261,15 +262,31 @@ def count_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def read_checkpoint(path, kind, map_location='cpu'):
+    """torch.load(weights_only=True) of one of our checkpoints, checked to be of the given kind(s).
+    Anything unreadable or of another kind is a ValueError with a one-line message."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})') from None
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    found = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found not in kinds:
+        raise ValueError(f'{path} holds a {found!r} checkpoint, expected {" or ".join(map(repr, kinds))}')
+    return ckpt
+
+
 def load_teacher(path, map_location='cpu') -> EDMPrecond:
     """Our own teacher checkpoint ({'kind': 'teacher', 'net': NetConfig dict, 'state_dict': ...}),
     loaded with weights_only=True. Returns the denoiser D(x, sigma, labels) in eval mode."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get('kind') != 'teacher':
-        kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f'{path} is not a teacher checkpoint (kind={kind!r})')
+    ckpt = read_checkpoint(path, 'teacher', map_location)
     net = build_net(net_config_from_dict(ckpt['net']))
-    net.load_state_dict(ckpt['state_dict'])
+    try:
+        net.load_state_dict(ckpt['state_dict'])
+    except RuntimeError as e:
+        raise ValueError(f'{path}: weights do not fit the recorded architecture ({str(e).splitlines()[0]})') from None
     return net.eval().requires_grad_(False)
 
 

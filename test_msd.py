@@ -138,7 +138,7 @@ def test_sigma_grid_is_karras_ascending():
     assert abs(grid[0].item() - 0.002) < 1e-6 and abs(grid[-1].item() - 80) < 1e-3
     assert (grid[1:] > grid[:-1]).all()
     sig = L.sample_grid_sigma(10000, grid, 0.02, 0.98)
-    assert sig.min() >= grid[20] and sig.max() <= grid[979]
+    assert sig.min() >= grid[20] and sig.max() <= grid[980]
 
 
 def test_edm_and_tsm_losses_closed_form():
@@ -257,9 +257,9 @@ def test_checkpoint_round_trip(tmp_path):
     tpath = str(tmp_path / 'teacher.pt')
     torch.save(teacher_checkpoint(teacher), tpath)
     torch.testing.assert_close(load_teacher(tpath)(z, torch.ones(6), y), teacher.eval()(z, torch.ones(6), y))
-    with pytest.raises(ValueError, match='not an MSD checkpoint'):
+    with pytest.raises(ValueError, match="expected 'msd'"):
         load_msd(tpath)
-    with pytest.raises(ValueError, match='not a teacher checkpoint'):
+    with pytest.raises(ValueError, match="expected 'teacher'"):
         load_teacher(path)
 
 
@@ -354,3 +354,17 @@ def test_sample_rejects_wrong_checkpoint_kind(tmp_path):
     torch.save({'kind': 'student'}, p)
     r = run_cli(['sample.py', '--ckpt', p, '--grid', str(tmp_path / 'g.png')])
     assert r.returncode == 2 and 'Traceback' not in r.stderr and r.stderr.strip().startswith('error:')
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_wrong_teacher_checkpoints_one_line_error(tmp_path):
+    other = str(tmp_path / 'teacher6.pt')
+    torch.save(teacher_checkpoint(build_net(TINY)), other)                # 6 classes at 8x8
+    wrong_kind = str(tmp_path / 'msd.pt')
+    torch.save({'kind': 'msd'}, wrong_kind)
+    garbage = str(tmp_path / 'garbage.pt')
+    open(garbage, 'wb').write(b'not a checkpoint')
+    for path, message in ((other, 'is for 6 classes'), (wrong_kind, "expected 'teacher'"), (garbage, 'not a readable checkpoint')):
+        r = run_cli(['train.py', '--out', str(tmp_path / 'run'), '--teacher', path, '--stages', 'dm'])
+        assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+        assert r.stderr.strip().count('\n') == 0 and message in r.stderr, r.stderr

@@ -85,11 +85,11 @@ class Config:
     ratio: int = opt(5, 'critic (fake score) updates per generator update (TTUR, DMD2: 5)')
     gan_gen_weight: float = opt(3e-3, 'GAN generator loss weight (DMD2: 3e-3)')
     gan_critic_weight: float = opt(1e-2, 'GAN critic loss weight (DMD2: 1e-2)')
-    regression_weight: float = opt(0.0, 'DMD regression loss weight on teacher pairs (DMD: 0.25; 0 = off)')
+    regression_weight: float = opt(0.0, 'DM-stage regression loss weight on teacher pairs (DMD: 0.25 with LPIPS; here a pixel L2, so retune; 0 = off)')
     regression_pairs: int = opt(256, 'number of teacher (z -> Heun sample) pairs, over all classes')
     # logging and evaluation
     log_every: int = opt(10, 'log losses every this many steps')
-    grid_every: int = opt(0, 'write a sample grid every this many steps (0: end of each stage only)')
+    grid_every: int = opt(10, 'also write a student sample grid every this many generator steps (0: end of each stage only)')
     ckpt_every: int = opt(50, 'save resumable state every this many steps')
     fid_samples: int = opt(500, 'samples for the final FID of teacher and MSD (0: skip FID)')
     fid_ref: int = opt(500, 'training images in the FID reference statistics (cached)')
@@ -178,9 +178,8 @@ def average_gradients(params, group, n):
     per backward, which DDP's reducer hooks do not allow.)"""
     if n == 1:
         return
-    params = [p for p in params if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
+    params = [p for p in params if p.grad is not None]        # the same set on every rank (same code path)
+    flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce(flat, group=group)
     flat /= n
     offset = 0
@@ -253,13 +252,16 @@ def set_rng_state(state, gen):
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def make_optimizer(params, lr, cfg, adam=False):
+def make_optimizer(params, lr, cfg, adam=False, steps_per_update=1):
+    """AdamW (Adam for the teacher) with a linear warm-up over cfg.warmup iterations; an optimiser that
+    steps once every `steps_per_update` iterations (the generator under TTUR) warms up over the same
+    number of iterations, as in DMD2, where every scheduler steps once per iteration."""
     fused = dict(fused=True) if torch.cuda.is_available() else {}
     if adam:
         o = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), **fused)
     else:
         o = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) * steps_per_update / max(cfg.warmup, 1)))
     return o, sched
 
 
@@ -434,7 +436,7 @@ def regression_pairs(cfg, d, teacher, num_classes, shape):
     seeds = list(range(10 ** 6, 10 ** 6 + cfg.regression_pairs))
     z = S.seeded_noise(seeds, shape)
     y = torch.arange(cfg.regression_pairs) % num_classes
-    x = torch.cat([S.heun(teacher, z[i:i + 64].to(d.device), y[i:i + 64].to(d.device), cfg.heun_steps).cpu()
+    x = torch.cat([S.heun(teacher, z[i:i + 64].to(d.device), y[i:i + 64].to(d.device), cfg.heun_steps, cfg.sigma_max).cpu()
                    for i in range(0, len(z), 64)])
     pairs = dict(z=z, y=y, x=x)
     atomic_save(pairs, path + f'.rank{d.rank}')
@@ -442,8 +444,9 @@ def regression_pairs(cfg, d, teacher, num_classes, shape):
     return pairs
 
 
-def train_student(cfg, d, k, classes, data, teacher, stages, group, n_ranks):
+def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
     """Run this student's stages in order; each starts from the previous stage's final state."""
+    classes = groups[k]
     run = StudentRun(cfg, d, k, classes, data, teacher, group, n_ranks)
     leader = d.rank % n_ranks == 0 if n_ranks > 1 else True
     G = Student.from_teacher(teacher, cfg.student_width, cfg.sigma_max).to(d.device).train()
@@ -462,7 +465,8 @@ def train_student(cfg, d, k, classes, data, teacher, stages, group, n_ranks):
             continue
         steps = dict(tsm=cfg.tsm_steps, dm=cfg.dm_steps, adm=cfg.adm_steps)[stage]
         adm = stage == 'adm'
-        go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if stage == 'tsm' else cfg.lr, cfg)
+        go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if stage == 'tsm' else cfg.lr, cfg,
+                                    steps_per_update=1 if stage == 'tsm' else cfg.ratio)
         fo, fsched = make_optimizer(list(fake.parameters()), cfg.lr, cfg)
         step, state = 0, load_state(stage_path(cfg, stage, k))
         if state is None:       # start from the latest earlier stage that ran (adm from dm, dm from tsm)
@@ -484,7 +488,7 @@ def train_student(cfg, d, k, classes, data, teacher, stages, group, n_ranks):
             else:
                 for _ in range(cfg.ratio):
                     info = critic_step(run, G, fake, fo, fsched, adm)
-                info.update(generator_step(run, G, fake, go, gsched, adm, pairs))
+                info.update(generator_step(run, G, fake, go, gsched, adm, None if adm else pairs))   # regression: DM only
             step += 1
             check_finite(stage, k, step, info)
             bar.update(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
@@ -496,7 +500,7 @@ def train_student(cfg, d, k, classes, data, teacher, stages, group, n_ranks):
                     atomic_save(dict(kind='state', stage=stage, student=k, step=step, G=G.state_dict(),
                                      fake=fake.state_dict(), opt_G=go.state_dict(), sched_G=gsched.state_dict(),
                                      opt_fake=fo.state_dict(), sched_fake=fsched.state_dict(), rng=rngs,
-                                     config=asdict(cfg)), stage_path(cfg, stage, k))
+                                     partition=groups, config=asdict(cfg)), stage_path(cfg, stage, k))
             if leader and cfg.grid_every and step % cfg.grid_every == 0:
                 S.save_grid(S.class_grid(G, data.num_classes, 4, G.net.cfg, classes=classes, device=d.device),
                             os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
@@ -505,7 +509,7 @@ def train_student(cfg, d, k, classes, data, teacher, stages, group, n_ranks):
             S.save_grid(S.class_grid(G, data.num_classes, 8, G.net.cfg, classes=classes, device=d.device),
                         os.path.join(cfg.out, 'grids', f'{stage}-student{k}.png'))
     if leader:
-        atomic_save(dict(kind='student', student=k, classes=list(classes), net=asdict(G.net.cfg),
+        atomic_save(dict(kind='student', student=k, classes=list(classes), partition=groups, net=asdict(G.net.cfg),
                          state_dict=G.cpu().state_dict(), config=asdict(cfg)), os.path.join(cfg.out, f'student{k}.pt'))
 
 
@@ -531,6 +535,7 @@ def main(cfg: Config):
     mine, n_ranks = student_plan(d.rank, d.world, cfg.students)
     os.makedirs(os.path.join(cfg.out, 'ckpt'), exist_ok=True)
     os.makedirs(os.path.join(cfg.out, 'grids'), exist_ok=True)
+    check_same_run(cfg)
     if d.main:
         with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
             json.dump(asdict(cfg), f, indent=1)
@@ -562,7 +567,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed + d.rank)
     for k in mine:
         if not os.path.exists(os.path.join(cfg.out, f'student{k}.pt')) or student_stages[-1] not in done_stages(cfg, k):
-            train_student(cfg, d, k, groups[k], data, teacher, student_stages, groups_pg[k], n_ranks)
+            train_student(cfg, d, k, groups, data, teacher, student_stages, groups_pg[k], n_ranks)
     if d.world > 1:
         dist.barrier()
     if d.main:
@@ -581,6 +586,22 @@ def main(cfg: Config):
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+# Settings that give saved state its meaning: a run folder resumes only with the same ones.
+RUN_IDENTITY = ('data', 'teacher', 'students', 'partition', 'seed', 'student_width', 'model_channels',
+                'channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head', 'sigma_max')
+
+
+def check_same_run(cfg):
+    path = os.path.join(cfg.out, 'config.json')
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diff = [f'--{k} {old.get(k)!r} -> {getattr(cfg, k)!r}' for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f'{cfg.out} holds a run with other settings ({"; ".join(diff)}): use another --out')
 
 
 def done_stages(cfg, k):
