@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -115,6 +116,31 @@ def load_data(path='') -> ImageData:
 
 
 
+class Progress:
+    """A progress line with rate and ETA, on rank 0: redrawn in a terminal, a line every 15 s in a log."""
+
+    def __init__(self, name, total, enabled=True, start=0):
+        self.name, self.total, self.enabled, self.start = name, total, enabled, start
+        self.t0, self.last, self.tty = time.time(), 0.0, sys.stderr.isatty()
+
+    def update(self, step, info='', force=False):
+        if not self.enabled or (not self.tty and not force and time.time() - self.last < 15):
+            return
+        self.last = time.time()
+        done = step - self.start
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float('nan')
+        fmt = lambda s: '?' if math.isnan(s) else f'{int(s // 60)}m{int(s % 60):02d}s'
+        line = f'[{self.name}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}% | {rate:.2f} it/s | ' \
+               f'elapsed {fmt(time.time() - self.t0)} ETA {fmt(eta)} | {info}'
+        print(('\r' + line + '\033[K') if self.tty else line, end='' if self.tty else '\n', file=sys.stderr, flush=True)
+
+    def close(self, step, info=''):
+        self.update(step, info, force=True)
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------
 # Generators and grids. A generator is any callable gen(z, labels) -> images in [-1, 1].
 
@@ -125,11 +151,14 @@ def heun(net, z, labels, num_steps=18, sigma_max=80.0):
 
 def generate(gen, seeds, labels, shape, device='cpu', batch=256):
     """uint8 images for the given seeds and labels; image i depends on seeds[i] and labels[i] only."""
-    out = []
+    out, bar = [], Progress('generate', len(seeds), enabled=len(seeds) > batch)
     for i in range(0, len(seeds), batch):
         z = seeded_noise(seeds[i:i + batch], shape, device)
         with torch.no_grad():
             out.append(to_uint8(gen(z, labels[i:i + batch].to(device))).cpu())
+        bar.update(min(i + batch, len(seeds)))
+    if len(seeds) > batch:
+        bar.close(len(seeds))
     return torch.cat(out) if out else torch.empty((0,) + tuple(shape), dtype=torch.uint8)
 
 
@@ -240,7 +269,7 @@ def reference_stats_name(data_path, n_ref):
 def fid_images(images, ref_name, real_fn, n_ref, device='cpu'):
     """FID between uint8 images and the cached statistics of n_ref real training images."""
     import torch_fidelity
-    kw = dict(fid=True, verbose=False, cuda=torch.device(device).type == 'cuda', batch_size=50, save_cpu_ram=True,
+    kw = dict(fid=True, verbose=sys.stderr.isatty(), cuda=torch.device(device).type == 'cuda', batch_size=50, save_cpu_ram=True,
               feature_extractor_weights_path=inception_weights(), cache_root=os.path.join(CACHE, 'fidelity'))
     path = os.path.join(CACHE, 'fidelity', f'{ref_name}-inception-v3-compat-features-2048.pt')
     real = _Uint8Images(torch.empty(n_ref, 1, 1, 1) if os.path.exists(path) else real_fn(n_ref))   # cached: not read
@@ -352,11 +381,15 @@ def main(argv=None):
         ap.error('nothing to do: give --grid, --seeds, --fid or --bench')
 
 
-if __name__ == '__main__':
+def cli(argv=None):
     try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
+        main(argv)
+    except (ValueError, OSError) as e:
         if os.environ.get('MSD_DEBUG'):
             raise
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == '__main__':
+    cli()

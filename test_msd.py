@@ -193,7 +193,7 @@ def test_partition_contiguous_and_kmeans_recover_structure():
 
 
 def test_partition_rejects_bad_input():
-    for bad in ([[0, 1], [1, 2]], [[0, 1], []], [[0, 1, 2, 3]], [[0, 1], [2, 3, 4]]):
+    for bad in ([[0, 1], [1, 2]], [[0, 1], []], [[0, 1, 2]], [[0, 1], [2, 3, 4]], [[0, 1, 2, 3, -1]]):
         with pytest.raises(ValueError):
             P.validate(bad, 4)
     for k in (0, 5):
@@ -336,6 +336,16 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert all(os.path.exists(os.path.join(out, f'student{k}.pt')) for k in range(4))
 
 
+def cli_error(main, args, capsys):
+    """Run an entry point in-process; it must exit with status 2 and one line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err and err.strip().count('\n') == 0, err
+    return err
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
 @pytest.mark.parametrize('args,message', [
     (['--students', '0'], 'between 1 and the number of classes'),
     (['--students', '11'], 'between 1 and the number of classes'),
@@ -343,21 +353,25 @@ def test_torchrun_two_gloo_processes(tmp_path):
     (['--stages', 'teacher,distill'], 'unknown stage'),
     (['--data', '/nonexistent/folder'], 'data not found'),
 ])
-def test_bad_input_one_line_error(args, message):
-    r = run_cli(['train.py', '--out', '/tmp/msd-bad-input'] + args)
-    assert r.returncode == 2 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().count('\n') == 0 and message in r.stderr
+def test_bad_input_one_line_error(args, message, capsys, tmp_path):
+    import train
+    assert message in cli_error(train.cli, ['--out', str(tmp_path / 'run')] + args, capsys)
 
 
-def test_sample_rejects_wrong_checkpoint_kind(tmp_path):
+def test_bad_input_in_a_real_process_has_no_traceback():
+    r = run_cli(['train.py', '--out', '/tmp/msd-bad-input', '--stages', 'distill'])
+    assert r.returncode == 2 and r.stderr.startswith('error: unknown stage') and 'Traceback' not in r.stderr
+
+
+def test_sample_rejects_wrong_checkpoint_kind(tmp_path, capsys):
     p = str(tmp_path / 'x.pt')
     torch.save({'kind': 'student'}, p)
-    r = run_cli(['sample.py', '--ckpt', p, '--grid', str(tmp_path / 'g.png')])
-    assert r.returncode == 2 and 'Traceback' not in r.stderr and r.stderr.strip().startswith('error:')
+    assert "expected 'msd' or 'teacher'" in cli_error(S.cli, ['--ckpt', p, '--grid', str(tmp_path / 'g.png')], capsys)
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
-def test_wrong_teacher_checkpoints_one_line_error(tmp_path):
+def test_wrong_teacher_checkpoints_one_line_error(tmp_path, capsys):
+    import train
     other = str(tmp_path / 'teacher6.pt')
     torch.save(teacher_checkpoint(build_net(TINY)), other)                # 6 classes at 8x8
     wrong_kind = str(tmp_path / 'msd.pt')
@@ -365,6 +379,5 @@ def test_wrong_teacher_checkpoints_one_line_error(tmp_path):
     garbage = str(tmp_path / 'garbage.pt')
     open(garbage, 'wb').write(b'not a checkpoint')
     for path, message in ((other, 'is for 6 classes'), (wrong_kind, "expected 'teacher'"), (garbage, 'not a readable checkpoint')):
-        r = run_cli(['train.py', '--out', str(tmp_path / 'run'), '--teacher', path, '--stages', 'dm'])
-        assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
-        assert r.stderr.strip().count('\n') == 0 and message in r.stderr, r.stderr
+        args = ['--out', str(tmp_path / ('run-' + os.path.basename(path))), '--teacher', path, '--stages', 'dm']
+        assert message in cli_error(train.cli, args, capsys)
