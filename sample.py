@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from msd import MSD, load_msd
-from teacher import EDMPrecond, heun_sampler, load_teacher, read_checkpoint, seeded_noise, to_uint8
+from teacher import EDMPrecond, heun_sampler, is_pickle_file, load_teacher, read_checkpoint, seeded_noise, to_uint8
 
 FASHION_DIR = '/usr/share/datasets/fashion-mnist'
 CACHE = os.environ.get('MSD_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'msd'))
@@ -193,7 +193,7 @@ def save_grid(grid, path):
 
 def load_generator(path, device='cpu', heun_steps=18):
     """An MSD or teacher checkpoint -> (generator callable, NetConfig, description, nfe)."""
-    kind = read_checkpoint(path, ('msd', 'teacher'))['kind']
+    kind = 'teacher' if is_pickle_file(path) else read_checkpoint(path, ('msd', 'teacher'))['kind']   # .pkl: NVIDIA EDM
     if kind == 'msd':
         msd = load_msd(path).to(device)
         return msd, msd.students[0].net.cfg, f'MSD, {len(msd.students)} students', 1
@@ -323,7 +323,7 @@ def parse_range(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--ckpt', required=True, help='an MSD checkpoint (msd.pt) or a teacher checkpoint (teacher.pt)')
+    ap.add_argument('--ckpt', required=True, help='an MSD checkpoint (msd.pt), a teacher checkpoint (teacher.pt) or an NVIDIA EDM .pkl')
     ap.add_argument('--grid', default='', help='write a class-by-sample grid PNG here')
     ap.add_argument('--per_class', type=int, default=10, help='grid columns: samples per class (default 10)')
     ap.add_argument('--seeds', default='', help='write one PNG per seed to --outdir, e.g. 0-63')

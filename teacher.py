@@ -12,11 +12,18 @@
   Karras grid, with each image's noise drawn from its own seed.
 - The EDM training loss lives in losses.py (`edm_loss`); train.py's teacher stage uses it.
 
+- `load_teacher` also reads NVIDIA's EDM network pickles (e.g. edm-imagenet-64x64-cond-adm.pkl) without
+  NVIDIA's code and without executing anything stored in them (a restricted unpickler).
+
 Run:  python train.py --stages teacher            (trains one on Fashion-MNIST)
       python sample.py --ckpt runs/fashion/teacher.pt --grid teacher.png
+      python teacher.py edm-imagenet-64x64-cond-adm.pkl edm-imagenet64-teacher.pt     (convert a pickle)
 """
+import collections
+import io
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -278,16 +285,154 @@ def read_checkpoint(path, kind, map_location='cpu'):
     return ckpt
 
 
+# ----------------------------------------------------------------------------------------------
+# NVIDIA's EDM network pickles, read without NVIDIA's code and without running anything in the file.
+#
+# EDM saves {'ema': EDMPrecond, 'loss_fn': ..., 'augment_pipe': ..., 'dataset_kwargs': ...} with
+# pickle; its torch_utils.persistence turns every network object into a call
+# _reconstruct_persistent_obj(meta) whose meta holds the class's *source code* (module_src), its
+# name and its state (the nn.Module __dict__: _parameters, _buffers, _modules, _init_kwargs, ...).
+# Plain unpickling executes that source. Here find_class() hands out only inert stand-ins and
+# torch's own tensor rebuilders; the network is then built from our code and the weights copied in.
+
+class _Persistent:
+    """What a persistent EDM object becomes here: its class name and state, no code."""
+
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class':
+            raise pickle.UnpicklingError('unexpected persistent-object record in EDM pickle')
+        self.class_name, self.state = meta.get('class_name'), meta.get('state') or {}
+
+
+class _Container:
+    """Stand-in for a pickled torch.nn container (ModuleDict, ModuleList, Sequential): keeps its state."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _EasyDict(dict):
+    """Stand-in for dnnlib.EasyDict (a dict)."""
+
+
+def _storage_from_bytes(b):
+    return torch.load(io.BytesIO(b), weights_only=True)            # torch's own restricted loader
+
+
+def _np_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError('refusing a numpy object scalar')
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+_EDM_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _Persistent,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
+    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
+    ('dnnlib.util', 'EasyDict'): _EasyDict,
+    ('torch.nn.modules.container', 'ModuleDict'): _Container,
+    ('torch.nn.modules.container', 'ModuleList'): _Container,
+    ('torch.nn.modules.container', 'Sequential'): _Container,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', 'scalar'): _np_scalar,         # numpy scalars (e.g. init gains) from raw bytes
+    ('numpy._core.multiarray', 'scalar'): _np_scalar,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('builtins', 'slice'): slice,
+    ('torch', 'Size'): torch.Size,
+}
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        fn = _EDM_GLOBALS.get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}: an EDM network pickle does not need it')
+        return fn
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('refusing a pickle with persistent ids (not an EDM network pickle)')
+
+
+def _module_state(obj, prefix, out):
+    """Flatten a tree of stand-ins into a state_dict: prefix.param / prefix.buffer names."""
+    state = obj.state
+    for name, t in list(state.get('_parameters', {}).items()) + list(state.get('_buffers', {}).items()):
+        if t is not None and name not in state.get('_non_persistent_buffers_set', set()):
+            out[prefix + name] = t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+    for name, child in state.get('_modules', {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, (_Persistent, _Container)):
+            raise ValueError(f'EDM pickle: unexpected module {prefix + name} of type {type(child).__name__}')
+        _module_state(child, prefix + name + '.', out)
+    return out
+
+
+def read_edm_pickle(path, key='ema'):
+    """(NetConfig, state_dict) of the EDMPrecond stored under `key` in an NVIDIA EDM network pickle."""
+    with open(path, 'rb') as f:
+        try:
+            data = _EDMUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f'{path}: {e}') from None
+        except Exception as e:
+            raise ValueError(f'{path} is not a readable EDM pickle ({type(e).__name__}: {str(e).splitlines()[0][:100]})') from None
+    net = data.get(key) if isinstance(data, dict) else data
+    if not isinstance(net, _Persistent) or net.class_name != 'EDMPrecond':
+        found = getattr(net, 'class_name', type(net).__name__)
+        raise ValueError(f'{path}: expected an EDMPrecond under {key!r}, found {found}')
+    kw = dict(net.state.get('_init_kwargs', {}))
+    args = list(net.state.get('_init_args', ()))
+    for name in ('img_resolution', 'img_channels', 'label_dim')[:len(args)]:
+        kw[name] = args.pop(0)
+    model_type = kw.pop('model_type', 'DhariwalUNet')
+    if model_type != 'DhariwalUNet':
+        raise ValueError(f'{path}: model_type {model_type!r} is not supported (only DhariwalUNet, the ADM backbone)')
+    if kw.pop('augment_dim', 0):
+        raise ValueError(f'{path}: networks with an augmentation embedding (augment_dim > 0) are not supported')
+    for unused in ('use_fp16', 'sigma_min', 'sigma_max', 'label_dropout', 'in_channels', 'out_channels'):
+        kw.pop(unused, None)
+    defaults = dict(model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+                    attn_resolutions=(32, 16, 8), dropout=0.10)       # DhariwalUNet's own defaults
+    fields = {**defaults, **kw}
+    unknown = set(fields) - set(NetConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f'{path}: unsupported EDMPrecond settings {sorted(unknown)}')
+    cfg = net_config_from_dict({**asdict(NetConfig()), **fields, 'sigma_data': float(fields.get('sigma_data', 0.5))})
+    return cfg, _module_state(net, '', {})
+
+
 def load_teacher(path, map_location='cpu') -> EDMPrecond:
-    """Our own teacher checkpoint ({'kind': 'teacher', 'net': NetConfig dict, 'state_dict': ...}),
-    loaded with weights_only=True. Returns the denoiser D(x, sigma, labels) in eval mode."""
-    ckpt = read_checkpoint(path, 'teacher', map_location)
-    net = build_net(net_config_from_dict(ckpt['net']))
+    """The teacher denoiser D(x, sigma, labels), in eval mode, from either of
+    - our checkpoint ({'kind': 'teacher', 'net': NetConfig dict, 'state_dict': ...}, weights_only=True), or
+    - an NVIDIA EDM network pickle (.pkl, {'ema': EDMPrecond, ...}), read by the restricted unpickler above;
+    the weights load with strict key and shape matching."""
+    if is_pickle_file(path):
+        cfg, state_dict = read_edm_pickle(path)
+    else:
+        ckpt = read_checkpoint(path, 'teacher', map_location)
+        cfg, state_dict = net_config_from_dict(ckpt['net']), ckpt['state_dict']
+    net = build_net(cfg)
     try:
-        net.load_state_dict(ckpt['state_dict'])
+        net.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise ValueError(f'{path}: weights do not fit the recorded architecture ({str(e).splitlines()[0]})') from None
-    return net.eval().requires_grad_(False)
+        detail = ' '.join(line.strip() for line in str(e).splitlines()[1:2])[:300]
+        raise ValueError(f'{path}: weights do not fit the recorded architecture ({detail})') from None
+    return net.to(map_location).eval().requires_grad_(False)
+
+
+def is_pickle_file(path):
+    """A raw pickle starts with the PROTO opcode (0x80); torch.save files are zip archives ('PK')."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    with open(path, 'rb') as f:
+        return f.read(1) == b'\x80'
 
 
 def teacher_checkpoint(net: EDMPrecond, **extra) -> dict:
@@ -331,3 +476,26 @@ def to_uint8(x):
     """[-1, 1] float images -> uint8 in [0, 255]."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
+
+def main(argv=None):
+    """Convert an NVIDIA EDM network pickle into our plain teacher checkpoint (weights_only-loadable)."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description='Convert an EDM network pickle (.pkl) into a teacher checkpoint, '
+                                             'without NVIDIA\'s code and without executing anything in the pickle.')
+    ap.add_argument('pkl', help='EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl')
+    ap.add_argument('out', help='output teacher checkpoint, e.g. edm-imagenet64-teacher.pt')
+    args = ap.parse_args(argv)
+    try:
+        net = load_teacher(args.pkl)
+        tmp = args.out + '.tmp'
+        torch.save(teacher_checkpoint(net, source=os.path.basename(args.pkl)), tmp)
+        os.replace(tmp, args.out)
+    except (ValueError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'wrote {args.out}: {count_params(net) / 1e6:.1f}M parameters, {net.cfg}')
+
+
+if __name__ == '__main__':
+    main()

@@ -381,3 +381,138 @@ def test_wrong_teacher_checkpoints_one_line_error(tmp_path, capsys):
     for path, message in ((other, 'is for 6 classes'), (wrong_kind, "expected 'teacher'"), (garbage, 'not a readable checkpoint')):
         args = ['--out', str(tmp_path / ('run-' + os.path.basename(path))), '--teacher', path, '--stages', 'dm']
         assert message in cli_error(train.cli, args, capsys)
+
+
+# ---------------------------------------------------------------- NVIDIA EDM pickles (issue: bring your own teacher)
+
+EDM_NAMES = {'EDMPrecond': 'EDMPrecond', 'DhariwalUNet': 'DhariwalUNet', 'UNetBlock': 'UNetBlock', 'Conv2d': 'Conv2d',
+             'Linear': 'Linear', 'GroupNorm': 'GroupNorm', 'PositionalEmbedding': 'PositionalEmbedding'}
+
+
+def write_edm_pickle(net, path, extra_src=''):
+    """Write `net` the way NVIDIA's EDM saves a snapshot, without NVIDIA's code: every network object
+    becomes torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version,
+    module_src, class_name, state}, inside {'ema': ..., 'loss_fn': ..., 'dataset_kwargs': ...}."""
+    import pickle
+    import types
+    fake = types.ModuleType('torch_utils.persistence')
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('never called by the loader')
+    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    cfg = net.cfg
+    init_kwargs = dict(img_resolution=cfg.img_resolution, img_channels=cfg.img_channels, label_dim=cfg.label_dim,
+                       use_fp16=True, model_type='DhariwalUNet', model_channels=cfg.model_channels,
+                       channel_mult=list(cfg.channel_mult), num_blocks=cfg.num_blocks,
+                       attn_resolutions=list(cfg.attn_resolutions), dropout=0.1, augment_dim=0)
+
+    class EDMPickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            name = 'GroupNorm' if isinstance(obj, torch.nn.GroupNorm) else \
+                'Linear' if isinstance(obj, torch.nn.Linear) else type(obj).__name__
+            if isinstance(obj, torch.nn.Module) and name in EDM_NAMES:
+                state = {k: v for k, v in obj.__dict__.items() if k != 'cfg'}
+                state['_init_args'], state['_init_kwargs'] = (), (init_kwargs if name == 'EDMPrecond' else {})
+                meta = dict(type='class', version=6, module_src='import torch\n' + extra_src, class_name=name, state=state)
+                return _reconstruct_persistent_obj, (meta,)
+            return NotImplemented
+
+    sys.modules['torch_utils'] = types.ModuleType('torch_utils')
+    sys.modules['torch_utils.persistence'] = fake
+    try:
+        with open(path, 'wb') as f:
+            EDMPickler(f, protocol=4).dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={'path': 'x.zip'}))
+    finally:
+        del sys.modules['torch_utils'], sys.modules['torch_utils.persistence']
+
+
+@pytest.mark.parametrize('cfg', [TINY, NetConfig(img_resolution=16, img_channels=3, label_dim=0, model_channels=16,
+                                                 channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16, 4),
+                                                 channels_per_head=16)])
+def test_edm_pickle_loads_without_nvidia_code(tmp_path, cfg):
+    import teacher as T
+    net = randomize(build_net(cfg)).eval()
+    path = str(tmp_path / 'edm.pkl')
+    write_edm_pickle(net, path)
+    assert 'torch_utils' not in sys.modules
+    if cfg.channels_per_head != 64:          # EDM's DhariwalUNet always uses 64 channels per head
+        with pytest.raises(ValueError):
+            T.load_teacher(path)
+        return
+    loaded = T.load_teacher(path)
+    assert loaded.cfg == dataclasses_replace(cfg, dropout=0.1)
+    x, s = torch.randn(3, cfg.img_channels, cfg.img_resolution, cfg.img_resolution), torch.tensor([0.01, 1.0, 80.0])
+    y = torch.tensor([0, 3, 5]) if cfg.label_dim else None
+    assert torch.equal(loaded(x, s, y), net(x, s, y))
+    out = str(tmp_path / 'teacher.pt')
+    T.main([path, out])                                                   # the converter
+    assert torch.equal(T.load_teacher(out)(x, s, y), net(x, s, y))
+    torch.load(out, weights_only=True)
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_edm_pickles_that_ask_for_code_are_refused(tmp_path):
+    import pickle
+    import teacher as T
+    marker = tmp_path / 'PWNED'
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+    path = str(tmp_path / 'evil.pkl')
+    with open(path, 'wb') as f:
+        pickle.dump({'ema': Evil()}, f)
+    with pytest.raises(ValueError, match=r'refusing to load (posix|os|nt)\.system'):
+        T.load_teacher(path)
+    # EDM-style pickle whose embedded module source would run a command if exec'd (as EDM's loader does).
+    path2 = str(tmp_path / 'evil_persist.pkl')
+    cfg = NetConfig(img_resolution=8, img_channels=1, label_dim=6, model_channels=16, channel_mult=(1, 2),
+                    num_blocks=1, attn_resolutions=(4,))
+    write_edm_pickle(build_net(cfg), path2, extra_src=f"import os\nos.system('touch {marker}')\n")
+    T.load_teacher(path2)                                                 # loads: the source is never run
+    assert not marker.exists()
+
+
+def test_edm_parameter_names_and_imagenet_size():
+    """Names and sizes that NVIDIA's checkpoints need (EDM networks.py), checked on the meta device."""
+    cfg = NetConfig(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=(1, 2, 3, 4),
+                    num_blocks=3, attn_resolutions=(32, 16, 8))
+    with torch.device('meta'):
+        net = build_net(cfg)
+        h = net(torch.zeros(2, 3, 64, 64), torch.ones(2), torch.tensor([1, 2]), return_bottleneck=True)
+    assert sum(p.numel() for p in net.parameters()) == 295_899_267     # EDM's edm-imagenet-64x64-cond-adm
+    assert tuple(h.shape) == (2, 768, 8, 8)
+    keys = set(net.state_dict())
+    for k in ('model.map_layer0.weight', 'model.map_label.weight', 'model.enc.64x64_conv.weight',
+              'model.enc.32x32_down.conv0.resample_filter', 'model.enc.32x32_down.skip.resample_filter',
+              'model.enc.8x8_block2.qkv.weight', 'model.dec.8x8_in0.proj.bias', 'model.dec.64x64_block3.skip.weight',
+              'model.out_norm.weight', 'model.out_conv.bias'):
+        assert k in keys, k
+    assert 'model.map_label.bias' not in keys and 'model.enc.64x64_block0.skip.weight' not in keys
+
+
+@pytest.mark.skipif(not os.environ.get('MSD_SLOW'), reason='slow (minutes, ~12 GB): set MSD_SLOW=1')
+def test_imagenet64_preset_one_full_size_iteration():
+    """One ADM iteration (critic step + generator step) of the imagenet64 preset at full network size,
+    random weights and random images, batch 2 on CPU."""
+    import dataclasses
+    import train
+    cfg = dataclasses.replace(train.PRESETS['imagenet64'], batch=2)
+    data = S.ImageData(torch.randint(1000, (64,)), 1000, (3, 64, 64), images=torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8))
+    teacher = build_net(train.net_config(cfg, data)).eval().requires_grad_(False)
+    G, fake = Student.from_teacher(teacher), FakeScore(teacher)
+    assert fake.head(torch.randn(2, 768, 8, 8)).shape == (2,)
+    run = train.StudentRun(cfg, train.Dist(), 0, list(range(250)), data, teacher, None, 1)
+    go, gs = train.make_optimizer(list(G.parameters()), cfg.lr, cfg, steps_per_update=cfg.ratio)
+    fo, fs = train.make_optimizer(list(fake.parameters()), cfg.lr, cfg)
+    before = G.net.model.out_conv.weight.clone()
+    c = train.critic_step(run, G, fake, fo, fs, adm=True)
+    g = train.generator_step(run, G, fake, go, gs, adm=True)
+    assert all(math.isfinite(v) for v in {**c, **g}.values())
+    assert not torch.equal(before, G.net.model.out_conv.weight)
