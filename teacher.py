@@ -391,6 +391,9 @@ def read_edm_pickle(path, key='ema'):
     args = list(net.state.get('_init_args', ()))
     for name in ('img_resolution', 'img_channels', 'label_dim')[:len(args)]:
         kw[name] = args.pop(0)
+    for name in ('img_resolution', 'img_channels', 'label_dim', 'sigma_data'):     # also stored as attributes
+        if name not in kw and name in net.state:
+            kw[name] = net.state[name]
     model_type = kw.pop('model_type', 'DhariwalUNet')
     if model_type != 'DhariwalUNet':
         raise ValueError(f'{path}: model_type {model_type!r} is not supported (only DhariwalUNet, the ADM backbone)')
@@ -404,6 +407,7 @@ def read_edm_pickle(path, key='ema'):
     unknown = set(fields) - set(NetConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f'{path}: unsupported EDMPrecond settings {sorted(unknown)}')
+    fields = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fields.items()}
     cfg = net_config_from_dict({**asdict(NetConfig()), **fields, 'sigma_data': float(fields.get('sigma_data', 0.5))})
     return cfg, _module_state(net, '', {})
 
