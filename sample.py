@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -84,8 +85,11 @@ def load_data(path='') -> ImageData:
                 if os.path.exists(os.path.join(path, name)):
                     return os.path.join(path, name)
             raise FileNotFoundError(f'{path} has neither {stem}[.gz] nor dataset.json')
-        images = _read_idx(find('train-images-idx3-ubyte'))[:, None]
-        labels = _read_idx(find('train-labels-idx1-ubyte')).long()
+        try:
+            images = _read_idx(find('train-images-idx3-ubyte'))[:, None]
+            labels = _read_idx(find('train-labels-idx1-ubyte')).long()
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f'{path}: corrupt data file ({type(e).__name__}: {e})') from None
         if len(images) != len(labels):
             raise ValueError(f'{path}: {len(images)} images but {len(labels)} labels')
         return ImageData(labels, int(labels.max()) + 1, tuple(images.shape[1:]), images=images)

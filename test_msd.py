@@ -327,7 +327,8 @@ def test_every_stage_then_sample_and_resume(tmp_path):
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
 def test_torchrun_two_gloo_processes(tmp_path):
     out = str(tmp_path / 'ddp')
-    r = run_cli(['train.py'] + TINY_RUN + ['--out', out, '--students', '4'], torchrun=2)
+    r = run_cli(['train.py'] + TINY_RUN + ['--out', out, '--students', '4', '--stages', 'teacher,tsm,dm',
+                                           '--regression_weight', '0'], torchrun=2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert '2 rank(s)' in r.stdout
     msd = load_msd(os.path.join(out, 'msd.pt'))
@@ -516,3 +517,159 @@ def test_imagenet64_preset_one_full_size_iteration():
     g = train.generator_step(run, G, fake, go, gs, adm=True)
     assert all(math.isfinite(v) for v in {**c, **g}.values())
     assert not torch.equal(before, G.net.model.out_conv.weight)
+
+
+# ---------------------------------------------------------------- nothing lost, nothing executed, nothing silent
+
+RESUME_RUN = ['--preset', 'smoke', '--students', '1', '--teacher_steps', '4', '--tsm_steps', '2', '--dm_steps', '3',
+              '--adm_steps', '1', '--ckpt_every', '1', '--regression_weight', '0', '--heun_steps', '2']
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_sigkill_then_resume_gives_bitwise_the_same_run(tmp_path):
+    """A run killed with SIGKILL in the middle of distillation and rerun with the same command ends
+    with bitwise the same teacher and students as an uninterrupted run (CPU, one thread each)."""
+    import signal
+    import time
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    start = lambda out: subprocess.Popen([sys.executable, 'train.py', '--out', out] + RESUME_RUN, cwd=HERE, env=env,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ref, p = start(a), start(b)                 # the uninterrupted run and the one to kill, side by side
+    target = os.path.join(b, 'ckpt', 'dm-student0.pt')
+    t0 = time.time()
+    while not os.path.exists(target) and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(os.path.join(b, 'msd.pt')), 'the run finished before it could be killed'
+    assert ref.wait() == 0, ref.stderr.read()[-1000:]
+    r = run_cli(['train.py', '--out', b] + RESUME_RUN)
+    assert r.returncode == 0, r.stderr[-1000:]
+    for name in ('teacher.pt', 'msd.pt'):
+        sa = torch.load(os.path.join(a, name), weights_only=True)
+        sb = torch.load(os.path.join(b, name), weights_only=True)
+        da = sa['state_dict'] if name == 'teacher.pt' else {f'{i}.{k}': v for i, s in enumerate(sa['students']) for k, v in s['state_dict'].items()}
+        db = sb['state_dict'] if name == 'teacher.pt' else {f'{i}.{k}': v for i, s in enumerate(sb['students']) for k, v in s['state_dict'].items()}
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da), name
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_nonfinite_loss_stops_with_message_or_is_skipped(tmp_path, monkeypatch):
+    import train
+    calls = {'n': 0}
+    real_dm_loss = L.dm_loss
+
+    def flaky(*a, **k):
+        calls['n'] += 1
+        out = real_dm_loss(*a, **k)
+        return out * float('nan') if calls['n'] == 2 else out
+    monkeypatch.setattr(train.L, 'dm_loss', flaky)
+    out = str(tmp_path / 'run')
+    args = TINY_RUN + ['--out', out, '--students', '1', '--stages', 'teacher,dm', '--dm_steps', '3', '--ckpt_every', '1']
+    with pytest.raises(FloatingPointError, match=r'dm stage, student 0, step 2 \(generator update\): non-finite loss dm = nan'):
+        train.main(train.parse_args(args))
+    assert torch.load(os.path.join(out, 'ckpt', 'dm-student0.pt'), weights_only=True)['step'] == 1   # last good state
+    calls['n'] = 0
+    out2 = str(tmp_path / 'run2')
+    train.main(train.parse_args(TINY_RUN + ['--out', out2, '--students', '1', '--stages', 'dm', '--dm_steps', '3',
+                                            '--teacher', os.path.join(out, 'teacher.pt'), '--skip_nonfinite', '1']))
+    msd = load_msd(os.path.join(out2, 'msd.pt'))
+    assert all(torch.isfinite(v).all() for v in msd.state_dict().values())
+
+
+def _ddp_worker(rank, path, result):
+    import torch.distributed as dist
+    import train
+    dist.init_process_group('gloo', init_method=f'file://{path}', rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = randomize(build_net(TINY))
+    cfg = train.Config(lr=1e-3, warmup=1, clip=1e9)
+    opt, sched = train.make_optimizer(list(net.parameters()), cfg.lr, cfg)
+    g = torch.Generator().manual_seed(1)
+    x, y, s = torch.randn(8, 1, 8, 8, generator=g), torch.randint(6, (8,), generator=g), torch.rand(8, generator=g) + 0.1
+    half = slice(4 * rank, 4 * rank + 4)
+    ((net(x[half], s[half], y[half]) - x[half]) ** 2).mean().backward()
+    train.step_optimizer(opt, sched, list(net.parameters()), cfg, dist.group.WORLD, 2)
+    if rank == 0:
+        torch.save(net.state_dict(), result)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path):
+    """Data parallelism: 2 gloo ranks with 4 images each take the same step as 1 rank with all 8."""
+    import torch.multiprocessing as mp
+    import train
+    result = str(tmp_path / 'ddp.pt')
+    mp.spawn(_ddp_worker, args=(str(tmp_path / 'rdzv'), result), nprocs=2)
+    torch.manual_seed(0)
+    net = randomize(build_net(TINY))
+    cfg = train.Config(lr=1e-3, warmup=1, clip=1e9)
+    opt, sched = train.make_optimizer(list(net.parameters()), cfg.lr, cfg)
+    g = torch.Generator().manual_seed(1)
+    x, y, s = torch.randn(8, 1, 8, 8, generator=g), torch.randint(6, (8,), generator=g), torch.rand(8, generator=g) + 0.1
+    ((net(x, s, y) - x) ** 2).mean().backward()
+    train.step_optimizer(opt, sched, list(net.parameters()), cfg)
+    ddp = torch.load(result, weights_only=True)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_project_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / 'PWNED'
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+    p = str(tmp_path / 'msd.pt')
+    torch.save({'kind': 'msd', 'payload': Evil()}, p)
+    with pytest.raises(ValueError, match='not a readable checkpoint'):
+        load_msd(p)
+    assert not marker.exists()
+
+
+def test_atomic_save_keeps_previous_file_when_disk_is_full(tmp_path, monkeypatch):
+    import train
+    p = str(tmp_path / 'state.pt')
+    train.atomic_save({'step': 1}, p)
+
+    def full(*a, **k):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(train.torch, 'save', full)
+    with pytest.raises(OSError, match='No space left on device.*previous file is kept'):
+        train.atomic_save({'step': 2}, p)
+    monkeypatch.undo()
+    assert torch.load(p, weights_only=True) == {'step': 1} and not os.path.exists(p + '.tmp')
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_bad_files_one_line_errors(tmp_path, capsys):
+    import gzip
+    import train
+    # Corrupt data: a truncated gzip IDX file.
+    bad = tmp_path / 'fmnist'
+    bad.mkdir()
+    raw = gzip.open(os.path.join(S.FASHION_DIR, 'train-images-idx3-ubyte.gz')).read(5000)
+    (bad / 'train-images-idx3-ubyte.gz').write_bytes(gzip.compress(raw)[:3000])
+    (bad / 'train-labels-idx1-ubyte').write_bytes(b'\x00\x00\x08\x01' + (60000).to_bytes(4, 'big') + bytes(10))
+    err = cli_error(train.cli, ['--out', str(tmp_path / 'r1'), '--data', str(bad)], capsys)
+    assert 'corrupt data file' in err or 'is truncated' in err
+    # A partition file that misses or repeats a class.
+    for name, groups in (('missing', [[0, 1, 2, 3, 4], [5, 6, 7, 8]]), ('repeated', [[0, 1, 2, 3, 4, 5], [5, 6, 7, 8, 9]])):
+        pf = tmp_path / f'{name}.json'
+        pf.write_text(json.dumps(groups))
+        err = cli_error(train.cli, ['--out', str(tmp_path / name), '--students', '2', '--partition_file', str(pf),
+                                   '--teacher', str(tmp_path / 'none.pt'), '--stages', 'dm'], capsys)
+        assert 'no teacher' in err or 'exactly once' in err
+    # A truncated checkpoint, and one whose weights do not fit its recorded architecture.
+    good = tmp_path / 'teacher.pt'
+    torch.save(teacher_checkpoint(build_net(TINY)), good)
+    (tmp_path / 'trunc.pt').write_bytes(good.read_bytes()[:2000])
+    ck = teacher_checkpoint(build_net(TINY))
+    ck['net']['model_channels'] = 16
+    torch.save(ck, tmp_path / 'arch.pt')
+    for path, message in (('trunc.pt', 'not a readable checkpoint'), ('arch.pt', 'do not fit')):
+        assert message in cli_error(train.cli, ['--out', str(tmp_path / ('r-' + path)), '--teacher', str(tmp_path / path), '--stages', 'dm'], capsys)
+    # A label outside the class range.
+    assert 'must lie in 0..5' in cli_error(S.cli, ['--ckpt', str(good), '--seeds', '0-1', '--classes', '7', '--heun_steps', '2',
+                                                   '--outdir', str(tmp_path / 'imgs')], capsys)

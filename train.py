@@ -55,7 +55,9 @@ class Config:
     teacher: str = opt('', 'teacher checkpoint to distil; empty: the run folder\'s teacher.pt, trained by the teacher stage')
     students: int = opt(4, 'K, the number of students (1 <= K <= number of classes)')
     partition: str = opt('contiguous', 'how classes are split among students: ' + ', '.join(P.STRATEGIES))
+    partition_file: str = opt('', 'JSON file with the partition as a list of K lists of class indices (overrides --partition)')
     seed: int = opt(0, 'random seed (rank r uses seed + r)')
+    skip_nonfinite: int = opt(0, '1: skip an update whose loss or gradient is NaN/inf instead of stopping the run')
     device: str = opt('auto', 'auto, cpu or cuda')
     # teacher network (ignored when --teacher is given: the checkpoint has its own)
     model_channels: int = opt(32, 'teacher base width')
@@ -217,11 +219,16 @@ def log_metrics(cfg, record):
 def atomic_save(obj, path):
     """Write to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                  # e.g. a full disk: keep the previous file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f'could not save {path} ({e}); the previous file is kept') from None
 
 
 def load_state(path):
@@ -253,19 +260,28 @@ def make_optimizer(params, lr, cfg, adam=False, steps_per_update=1):
     return o, sched
 
 
-def step_optimizer(opt, sched, params, cfg, group=None, n=1):
+def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=''):
+    """Average gradients over the group, clip, step. A non-finite loss or gradient stops the run with a
+    message naming where it happened (nothing is saved after it, so the last checkpoint is the last
+    good state), or, with --skip_nonfinite 1, skips this update. The decision is taken jointly by all
+    ranks of the group, so they never diverge."""
     average_gradients(params, group, n)
-    gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
+    losses = losses or {}
+    bad = torch.tensor(float(not math.isfinite(gn) or not all(math.isfinite(v) for v in losses.values())))
+    if n > 1:
+        dist.all_reduce(bad, group=group)
+    if bad.item():
+        opt.zero_grad(set_to_none=True)
+        msg = f'{where}: non-finite ' + ', '.join(f'loss {k} = {v:.4g}' for k, v in losses.items()) + f', grad norm {gn:.4g}'
+        if not cfg.skip_nonfinite:
+            raise FloatingPointError(msg + ' (last good checkpoint kept; --skip_nonfinite 1 skips such steps)')
+        print(f'skipped update: {msg}', file=sys.stderr, flush=True)
+        return float('nan')
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return gn.item()
-
-
-def check_finite(stage, k, step, values):
-    for name, v in values.items():
-        if not math.isfinite(v):
-            raise FloatingPointError(f'{stage} stage, student {k}, step {step}: loss {name} = {v}')
+    return gn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,8 +315,7 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
         with autocast(d.device):
             loss = L.edm_loss(net, x.to(d.device), y.to(d.device), sigma_data=net.sigma_data).mean()
         loss.backward()
-        check_finite('teacher', '-', step, {'edm': loss.item()})
-        step_optimizer(o, sched, params, cfg, group, d.world)
+        step_optimizer(o, sched, params, cfg, group, d.world, {'edm': loss.item()}, f'teacher stage, step {step + 1}')
         with torch.no_grad():                                             # EMA of the weights
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - cfg.ema)
@@ -344,6 +359,11 @@ class StudentRun:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + k * 10 + d.rank)
         self.grid = L.sigma_grid(1000, sigma_max=cfg.sigma_max).to(d.device)
 
+    stage, step = '', 0
+
+    def where(self, what):
+        return f'{self.stage} stage, student {self.k}, step {self.step + 1} ({what} update)'
+
     def labels(self, n):
         return self.classes[torch.randint(len(self.classes), (n,), generator=self.gen)].to(self.d.device)
 
@@ -372,7 +392,7 @@ def critic_step(run, G, fake, opt, sched, adm):
             loss = loss + cfg.gan_critic_weight * loss_gan
             out['gan_critic'] = loss_gan.item()
     loss.backward()
-    out['grad_critic'] = step_optimizer(opt, sched, list(fake.parameters()), cfg, run.group, run.n)
+    out['grad_critic'] = step_optimizer(opt, sched, list(fake.parameters()), cfg, run.group, run.n, dict(out), run.where('critic'))
     return out
 
 
@@ -399,7 +419,7 @@ def generator_step(run, G, fake, opt, sched, adm, pairs=None):
             out['regression'] = loss_reg.item()
     loss.backward()
     fake.requires_grad_(True)
-    out['grad_gen'] = step_optimizer(opt, sched, list(G.parameters()), cfg, run.group, run.n)
+    out['grad_gen'] = step_optimizer(opt, sched, list(G.parameters()), cfg, run.group, run.n, dict(out), run.where('generator'))
     return out
 
 
@@ -408,7 +428,7 @@ def tsm_step(run, G, opt, sched):
     with autocast(run.d.device):
         loss = L.tsm_loss(G.net, run.teacher, x, y, sigma_data=G.net.sigma_data).mean()
     loss.backward()
-    grad = step_optimizer(opt, sched, list(G.parameters()), run.cfg, run.group, run.n)
+    grad = step_optimizer(opt, sched, list(G.parameters()), run.cfg, run.group, run.n, {'tsm': loss.item()}, run.where('tsm'))
     return dict(tsm=loss.item(), grad_gen=grad)
 
 
@@ -461,12 +481,18 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
             earlier = [load_state(stage_path(cfg, s, k)) for s in ('tsm', 'dm') if STAGES.index(s) < STAGES.index(stage)]
             earlier = [e for e in earlier if e is not None]
             state = dict(G=earlier[-1]['G'], fake=earlier[-1]['fake']) if earlier else None   # weights, fresh optimiser
+        # A stage that starts fresh is seeded from (seed, student, stage, rank) alone, so a resumed run
+        # draws exactly the numbers an uninterrupted one would, whatever ran before it in this process.
+        seed = cfg.seed * 10 ** 6 + k * 10 ** 4 + STAGES.index(stage) * 100 + d.rank
+        torch.manual_seed(seed)
+        run.gen.manual_seed(seed)
+        run.stage, run.step = stage, 0
         if state is not None:
             G.load_state_dict(state['G']); fake.load_state_dict(state['fake'])
             if 'opt_G' in state:
                 go.load_state_dict(state['opt_G']); gsched.load_state_dict(state['sched_G'])
                 fo.load_state_dict(state['opt_fake']); fsched.load_state_dict(state['sched_fake'])
-                step = state['step']; set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
+                step = run.step = state['step']; set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
         bar = S.Progress(f'{stage} s{k}', steps, d.main, step)
         t0 = time.time()
         info = {}
@@ -478,7 +504,7 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
                     info = critic_step(run, G, fake, fo, fsched, adm)
                 info.update(generator_step(run, G, fake, go, gsched, adm, None if adm else pairs))   # regression: DM only
             step += 1
-            check_finite(stage, k, step, info)
+            run.step = step
             bar.update(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
             if leader and (step % cfg.log_every == 0 or step == steps):
                 log_metrics(cfg, dict(stage=stage, student=k, step=step, sec=round(time.time() - t0, 2), **info))
@@ -547,7 +573,16 @@ def main(cfg: Config):
     if not student_stages:
         return
     emb = teacher.model.map_label.weight.t().detach().cpu() if cfg.partition == 'kmeans' else None
-    groups = P.make_partition(cfg.partition, data.num_classes, cfg.students, cfg.seed, emb)
+    if cfg.partition_file:
+        with open(cfg.partition_file) as f:
+            try:
+                groups = P.validate(json.load(f), data.num_classes)
+            except (json.JSONDecodeError, TypeError) as e:
+                raise ValueError(f'{cfg.partition_file}: not a JSON list of lists of class indices ({e})') from None
+        if len(groups) != cfg.students:
+            raise ValueError(f'{cfg.partition_file} has {len(groups)} groups but --students is {cfg.students}')
+    else:
+        groups = P.make_partition(cfg.partition, data.num_classes, cfg.students, cfg.seed, emb)
     if d.main:
         print(f'partition ({cfg.partition}): {groups}', flush=True)
 
@@ -579,7 +614,7 @@ def main(cfg: Config):
 
 
 # Settings that give saved state its meaning: a run folder resumes only with the same ones.
-RUN_IDENTITY = ('data', 'teacher', 'students', 'partition', 'seed', 'student_width', 'model_channels',
+RUN_IDENTITY = ('data', 'teacher', 'students', 'partition', 'partition_file', 'seed', 'student_width', 'model_channels',
                 'channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head', 'sigma_max')
 
 
