@@ -13,7 +13,6 @@ Run: python train.py --preset smoke   (builds both, with a smaller student, and 
 """
 from dataclasses import replace
 
-import torch
 from torch import nn
 
 from teacher import EDMPrecond, GroupNorm, NetConfig, build_net

@@ -390,6 +390,14 @@ EDM_NAMES = {'EDMPrecond': 'EDMPrecond', 'DhariwalUNet': 'DhariwalUNet', 'UNetBl
              'Linear': 'Linear', 'GroupNorm': 'GroupNorm', 'PositionalEmbedding': 'PositionalEmbedding'}
 
 
+def evil_class(marker):
+    """A class whose unpickling would run `touch marker`."""
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+    return Evil
+
+
 def write_edm_pickle(net, path, extra_src=''):
     """Write `net` the way NVIDIA's EDM saves a snapshot, without NVIDIA's code: every network object
     becomes torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version,
@@ -463,9 +471,7 @@ def test_edm_pickles_that_ask_for_code_are_refused(tmp_path):
     import teacher as T
     marker = tmp_path / 'PWNED'
 
-    class Evil:
-        def __reduce__(self):
-            return os.system, (f'touch {marker}',)
+    Evil = evil_class(marker)
     path = str(tmp_path / 'evil.pkl')
     with open(path, 'wb') as f:
         pickle.dump({'ema': Evil()}, f)
@@ -618,9 +624,7 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path):
 def test_project_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / 'PWNED'
 
-    class Evil:
-        def __reduce__(self):
-            return os.system, (f'touch {marker}',)
+    Evil = evil_class(marker)
     p = str(tmp_path / 'msd.pt')
     torch.save({'kind': 'msd', 'payload': Evil()}, p)
     with pytest.raises(ValueError, match='not a readable checkpoint'):
