@@ -359,7 +359,7 @@ class StudentRun:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + k * 10 + d.rank)
         self.grid = L.sigma_grid(1000, sigma_max=cfg.sigma_max).to(d.device)
 
-    stage, step = '', 0
+    stage, step, lpips = '', 0, None
 
     def where(self, what):
         return f'{self.stage} stage, student {self.k}, step {self.step + 1} ({what} update)'
@@ -414,7 +414,7 @@ def generator_step(run, G, fake, opt, sched, adm, pairs=None):
         if pairs is not None and cfg.regression_weight > 0:
             i = torch.randint(len(pairs['z']), (n,), generator=run.gen)
             x_reg = G(pairs['z'][i].to(run.d.device), pairs['y'][i].to(run.d.device)).float()
-            loss_reg = L.regression_loss(x_reg, pairs['x'][i].to(run.d.device)).mean()
+            loss_reg = L.regression_loss(x_reg, pairs['x'][i].to(run.d.device), run.lpips).mean()
             loss = loss + cfg.regression_weight * loss_reg
             out['regression'] = loss_reg.item()
     loss.backward()
@@ -452,6 +452,22 @@ def regression_pairs(cfg, d, teacher, num_classes, shape):
     return pairs
 
 
+LPIPS_FILES = ('weights-vgg16-lpips.pth', 'vgg16-397923af.pth')     # torch-fidelity's LPIPS head, torchvision's VGG16
+
+
+def lpips_if_present(device):
+    """(distance, description): torch-fidelity's LPIPS (VGG16) when both weight files are already in the
+    torch hub cache (nothing is downloaded), otherwise None and the reason, for the log."""
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    missing = [f for f in LPIPS_FILES if not os.path.exists(os.path.join(hub, f))]
+    if missing:
+        return None, f'pixel L2 (LPIPS weights {", ".join(missing)} not in {hub})'
+    from torch_fidelity.sample_similarity_lpips import SampleSimilarityLPIPS
+    net = SampleSimilarityLPIPS('lpips-vgg16').to(device)
+    to_255 = lambda x: ((x + 1) * 127.5).expand(-1, 3, -1, -1)           # its input: RGB in [0, 255]
+    return (lambda a, b: net(to_255(a), to_255(b)).flatten()), 'LPIPS (VGG16, torch-fidelity)'
+
+
 def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
     """Run this student's stages in order; each starts from the previous stage's final state."""
     classes = groups[k]
@@ -464,10 +480,11 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
         print(f'student {k}: classes {classes}, {count_params(G) / 1e6:.2f}M parameters'
               f'{" (smaller: TSM first)" if smaller else " (copy of the teacher)"}', flush=True)
     pairs = None
-    if cfg.regression_weight > 0 and any(s in stages for s in ('dm', 'adm')):
+    if cfg.regression_weight > 0 and 'dm' in stages:
         pairs = regression_pairs(cfg, d, teacher, data.num_classes, data.shape)
+        run.lpips, how = lpips_if_present(d.device)
         if d.main and k == 0:
-            print(f'regression loss: pixel L2 on {len(pairs["z"])} teacher pairs (LPIPS weights are not bundled)', flush=True)
+            print(f'regression loss: {how}, on {len(pairs["z"])} teacher pairs over all classes', flush=True)
     for stage in stages:
         if stage == 'teacher' or (stage == 'tsm' and not smaller):
             continue
