@@ -292,11 +292,13 @@ def fid(gen, num_classes, shape, n, ref_name, real_fn, n_ref, device='cpu', seed
 # Speed: the one-step MSD generator against the teacher's Heun sampler, same batch, same machine.
 
 def images_per_second(gen, shape, labels, device, repeats=3):
+    """Median-free simple timing: one warm-up call, then `repeats` timed calls on the same batch."""
     z = torch.randn((len(labels),) + tuple(shape), device=device)
     with torch.no_grad():
         gen(z, labels)                                   # warm-up
         if device.type == 'cuda':
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(repeats):
             gen(z, labels)
@@ -305,15 +307,43 @@ def images_per_second(gen, shape, labels, device, repeats=3):
     return repeats * len(labels) / (time.perf_counter() - t0)
 
 
-def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device):
+def forward_flops(net, shape, device):
+    """FLOPs of one network forward for one image (torch's FLOP counter: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(torch.randn((1,) + tuple(shape), device=device), torch.zeros(1, dtype=torch.long, device=device))
+    return counter.get_total_flops()
+
+
+def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76, 0.5), repeats=3):
+    """Images/s on one machine and batch: the teacher's Heun sampler, one student, the routed MSD
+    generator with mixed labels, and smaller students (random weights: speed does not depend on them)."""
+    from student import Student, student_config
     shape = (teacher.cfg.img_channels, teacher.cfg.img_resolution, teacher.cfg.img_resolution)
     labels = (torch.arange(batch) % msd.num_classes).to(device)          # mixed labels: every student runs
-    msd_ips = images_per_second(msd, shape, labels, device)
-    teacher_ips = images_per_second(lambda z, y: heun(teacher, z, y, heun_steps), shape, labels, device, repeats=1)
+    own = torch.full((batch,), msd.groups[0][0], dtype=torch.long, device=device)
     nfe = 2 * heun_steps - 1
-    print(f'batch {batch} on {device}: MSD ({len(msd.students)} students, 1 NFE) {msd_ips:.1f} img/s | '
-          f'teacher Heun ({nfe} NFE) {teacher_ips:.2f} img/s | ratio {msd_ips / teacher_ips:.1f}x')
-    return msd_ips, teacher_ips
+    rows = [(f'teacher, Heun {nfe} NFE', lambda z, y: heun(teacher, z, y, heun_steps), labels, 1, teacher.model),
+            ('one student (1 NFE)', msd.students[0], own, repeats, msd.students[0].net.model),
+            (f'MSD, {len(msd.students)} students, mixed labels', msd, labels, repeats, None)]
+    for w in widths:
+        st = Student(student_config(teacher.cfg, w)).to(device).eval()
+        rows.append((f'student at width {w} ({st.net.cfg.model_channels} ch, random weights)', st, own, repeats, st.net.model))
+    print(f'batch {batch} on {device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else f'batch {batch} on {torch.cuda.get_device_name(device)}')
+    out = {}
+    for name, gen, y, reps, net in rows:
+        ips = images_per_second(gen, shape, y, device, reps)
+        params = sum(p.numel() for p in (net.parameters() if net is not None else gen.parameters())) / (1 if net is not None else len(msd.students))
+        flops = forward_flops(lambda x, l: net(x, torch.ones(1, device=device), torch.nn.functional.one_hot(l, teacher.label_dim).float()), shape, device) if net is not None else None
+        mem = f' | peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else ''
+        out[name] = ips
+        print(f'  {name:55s} {ips:9.2f} img/s | {1000 * batch / ips:9.1f} ms/batch | {params / 1e6:6.2f}M params'
+              + (f' | {flops / 1e9:.3f} GFLOP/forward' if flops else '') + mem)
+    t, one, m = out[rows[0][0]], out[rows[1][0]], out[rows[2][0]]
+    print(f'  ratios: one student / teacher {one / t:.1f}x (ideal {nfe}x) | MSD / teacher {m / t:.1f}x | '
+          f'MSD / one student {m / one:.2f} (routing overhead {100 * (1 - m / one):+.1f}%)')
+    return out
 
 
 def parse_range(s):
@@ -339,6 +369,7 @@ def main(argv=None):
     ap.add_argument('--bench', action='store_true', help='images/s of the MSD generator vs the teacher sampler')
     ap.add_argument('--teacher', default='', help='teacher for --bench (default: the one recorded in the MSD checkpoint)')
     ap.add_argument('--batch', type=int, default=64, help='batch size for --bench (default 64)')
+    ap.add_argument('--repeats', type=int, default=5, help='timed calls per one-step generator in --bench (default 5)')
     ap.add_argument('--heun_steps', type=int, default=18, help='teacher Heun steps N, 2N-1 NFE (default 18 -> 35)')
     ap.add_argument('--device', default='auto', help='auto, cpu or cuda')
     args = ap.parse_args(argv)
@@ -379,7 +410,13 @@ def main(argv=None):
         tpath = args.teacher or ckpt.get('teacher', '')
         if not tpath or not os.path.exists(tpath):
             raise FileNotFoundError(f'--bench needs the teacher: give --teacher (recorded path {tpath!r} not found)')
-        bench(gen, load_teacher(tpath).to(device), args.batch, args.heun_steps, device)
+        bench(gen, load_teacher(tpath).to(device), args.batch, args.heun_steps, device, repeats=args.repeats)
+        metrics = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'metrics.jsonl')
+        if os.path.exists(metrics):              # the run's training throughput, as train.py logged it
+            with open(metrics) as f:
+                rows = [r for r in map(json.loads, f) if r.get('throughput')]
+            for r in rows:
+                print(f'  training {r["stage"]:7s} student {r["student"]}: {r["steps_per_s"]} steps/s, {r["images_per_s"]} images/s')
         did = True
     if not did:
         ap.error('nothing to do: give --grid, --seeds, --fid or --bench')

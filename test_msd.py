@@ -677,3 +677,11 @@ def test_bad_files_one_line_errors(tmp_path, capsys):
     # A label outside the class range.
     assert 'must lie in 0..5' in cli_error(S.cli, ['--ckpt', str(good), '--seeds', '0-1', '--classes', '7', '--heun_steps', '2',
                                                    '--outdir', str(tmp_path / 'imgs')], capsys)
+
+
+def test_bench_reports_every_generator(capsys):
+    teacher = randomize(build_net(TINY)).eval()
+    msd = MSD([Student.from_teacher(teacher) for _ in range(2)], [[0, 1, 2], [3, 4, 5]], 6).eval()
+    out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=1)
+    assert len(out) == 4 and all(v > 0 for v in out.values())
+    assert 'routing overhead' in capsys.readouterr().out

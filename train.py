@@ -216,6 +216,15 @@ def log_metrics(cfg, record):
         f.write(json.dumps(record) + '\n')
 
 
+def log_throughput(cfg, stage, k, steps, sec, images_per_step):
+    """Steps/s and images/s of one stage (one student), in metrics.jsonl and on stdout."""
+    rec = dict(stage=stage, student=k, throughput=True, steps=steps, sec=round(sec, 2),
+               steps_per_s=round(steps / sec, 4), images_per_s=round(steps * images_per_step / sec, 2))
+    log_metrics(cfg, rec)
+    who = stage if k == '-' else f'{stage} (student {k})'
+    print(f'{who}: {rec["steps_per_s"]} steps/s, {rec["images_per_s"]} images/s', flush=True)
+
+
 def atomic_save(obj, path):
     """Write to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + '.tmp'
@@ -309,7 +318,7 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
         print(f'teacher: {count_params(net) / 1e6:.2f}M parameters, {cfg.teacher_steps} steps, batch {cfg.teacher_batch} x {d.world} ranks', flush=True)
     group = dist.group.WORLD if d.world > 1 else None
     bar = S.Progress('teacher', cfg.teacher_steps, d.main, step)
-    loss_avg = 0.0
+    loss_avg, t0, step0 = 0.0, time.time(), step
     while step < cfg.teacher_steps:
         x, y = data.get(torch.randint(len(data), (cfg.teacher_batch,), generator=gen))
         with autocast(d.device):
@@ -330,6 +339,8 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
                 atomic_save(dict(kind='state', net=net.state_dict(), ema=ema.state_dict(), opt=o.state_dict(),
                                  sched=sched.state_dict(), step=step, rng=rngs, config=asdict(cfg)), state_path)
     bar.close(step, f'loss {loss_avg:.4f}')
+    if d.main and step > step0:
+        log_throughput(cfg, 'teacher', '-', step - step0, time.time() - t0, cfg.teacher_batch * d.world)
     if d.main:
         atomic_save(teacher_checkpoint(ema, config=asdict(cfg), steps=step), path)
         S.save_grid(S.class_grid(lambda z, y: S.heun(ema, z, y, cfg.heun_steps), ema.label_dim, 8, ema.cfg,
@@ -511,7 +522,7 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
                 fo.load_state_dict(state['opt_fake']); fsched.load_state_dict(state['sched_fake'])
                 step = run.step = state['step']; set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
         bar = S.Progress(f'{stage} s{k}', steps, d.main, step)
-        t0 = time.time()
+        t0, step0 = time.time(), step
         info = {}
         while step < steps:
             if stage == 'tsm':
@@ -536,6 +547,9 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
                 S.save_grid(S.class_grid(G, data.num_classes, 4, G.net.cfg, classes=classes, device=d.device),
                             os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
         bar.close(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
+        if leader and step > step0:     # throughput: a generator step generates batch x (ratio + 1) images
+            per_step = cfg.batch * n_ranks * (1 if stage == 'tsm' else cfg.ratio + 1)
+            log_throughput(cfg, stage, k, step - step0, time.time() - t0, per_step)
         if leader:
             S.save_grid(S.class_grid(G, data.num_classes, 8, G.net.cfg, classes=classes, device=d.device),
                         os.path.join(cfg.out, 'grids', f'{stage}-student{k}.png'))
