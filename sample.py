@@ -292,19 +292,22 @@ def fid(gen, num_classes, shape, n, ref_name, real_fn, n_ref, device='cpu', seed
 # Speed: the one-step MSD generator against the teacher's Heun sampler, same batch, same machine.
 
 def images_per_second(gen, shape, labels, device, repeats=3):
-    """Median-free simple timing: one warm-up call, then `repeats` timed calls on the same batch."""
+    """Images/s from the median of `repeats` timed calls on one batch, after a warm-up call (the median
+    is robust to the odd disturbed call on a shared machine, and fair between short and long calls)."""
     z = torch.randn((len(labels),) + tuple(shape), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    times = []
     with torch.no_grad():
         gen(z, labels)                                   # warm-up
+        sync()
         if device.type == 'cuda':
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
         for _ in range(repeats):
+            t0 = time.perf_counter()
             gen(z, labels)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-    return repeats * len(labels) / (time.perf_counter() - t0)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return len(labels) / float(np.median(times))
 
 
 def forward_flops(net, shape, device):
@@ -324,13 +327,13 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     labels = (torch.arange(batch) % msd.num_classes).to(device)          # mixed labels: every student runs
     own = torch.full((batch,), msd.groups[0][0], dtype=torch.long, device=device)
     nfe = 2 * heun_steps - 1
-    rows = [(f'teacher, Heun {nfe} NFE', lambda z, y: heun(teacher, z, y, heun_steps), labels, 1, teacher.model),
+    rows = [(f'teacher, Heun {nfe} NFE', lambda z, y: heun(teacher, z, y, heun_steps), labels, 3, teacher.model),
             ('one student (1 NFE)', msd.students[0], own, repeats, msd.students[0].net.model),
             (f'MSD, {len(msd.students)} students, mixed labels', msd, labels, repeats, None)]
     for w in widths:
         st = Student(student_config(teacher.cfg, w)).to(device).eval()
         rows.append((f'student at width {w} ({st.net.cfg.model_channels} ch, random weights)', st, own, repeats, st.net.model))
-    print(f'batch {batch} on {device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else f'batch {batch} on {torch.cuda.get_device_name(device)}')
+    print(f'batch {batch}, median of {repeats} calls (teacher: of 3), on {device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else f'batch {batch} on {torch.cuda.get_device_name(device)}')
     out = {}
     for name, gen, y, reps, net in rows:
         ips = images_per_second(gen, shape, y, device, reps)
@@ -369,7 +372,7 @@ def main(argv=None):
     ap.add_argument('--bench', action='store_true', help='images/s of the MSD generator vs the teacher sampler')
     ap.add_argument('--teacher', default='', help='teacher for --bench (default: the one recorded in the MSD checkpoint)')
     ap.add_argument('--batch', type=int, default=64, help='batch size for --bench (default 64)')
-    ap.add_argument('--repeats', type=int, default=5, help='timed calls per one-step generator in --bench (default 5)')
+    ap.add_argument('--repeats', type=int, default=10, help='timed calls per one-step generator in --bench, median taken (default 10)')
     ap.add_argument('--heun_steps', type=int, default=18, help='teacher Heun steps N, 2N-1 NFE (default 18 -> 35)')
     ap.add_argument('--device', default='auto', help='auto, cpu or cuda')
     args = ap.parse_args(argv)
