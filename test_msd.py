@@ -380,8 +380,9 @@ def test_wrong_teacher_checkpoints_one_line_error(tmp_path, capsys):
     garbage = str(tmp_path / 'garbage.pt')
     open(garbage, 'wb').write(b'not a checkpoint')
     for path, message in ((other, 'is for 6 classes'), (wrong_kind, "expected 'teacher'"), (garbage, 'not a readable checkpoint')):
-        args = ['--out', str(tmp_path / ('run-' + os.path.basename(path))), '--teacher', path, '--stages', 'dm']
+        args = ['--out', str(tmp_path / 'run'), '--teacher', path, '--stages', 'dm']
         assert message in cli_error(train.cli, args, capsys)
+        assert not os.path.exists(tmp_path / 'run')                       # nothing written
 
 
 # ---------------------------------------------------------------- NVIDIA EDM pickles (issue: bring your own teacher)
@@ -659,12 +660,15 @@ def test_bad_files_one_line_errors(tmp_path, capsys):
     err = cli_error(train.cli, ['--out', str(tmp_path / 'r1'), '--data', str(bad)], capsys)
     assert 'corrupt data file' in err or 'is truncated' in err
     # A partition file that misses or repeats a class.
+    fashion_teacher = str(tmp_path / 'fashion_teacher.pt')
+    torch.save(teacher_checkpoint(build_net(NetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                                                      attn_resolutions=(), channels_per_head=8))), fashion_teacher)
     for name, groups in (('missing', [[0, 1, 2, 3, 4], [5, 6, 7, 8]]), ('repeated', [[0, 1, 2, 3, 4, 5], [5, 6, 7, 8, 9]])):
         pf = tmp_path / f'{name}.json'
         pf.write_text(json.dumps(groups))
         err = cli_error(train.cli, ['--out', str(tmp_path / name), '--students', '2', '--partition_file', str(pf),
-                                   '--teacher', str(tmp_path / 'none.pt'), '--stages', 'dm'], capsys)
-        assert 'no teacher' in err or 'exactly once' in err
+                                   '--teacher', fashion_teacher, '--stages', 'dm'], capsys)
+        assert 'exactly once' in err
     # A truncated checkpoint, and one whose weights do not fit its recorded architecture.
     good = tmp_path / 'teacher.pt'
     torch.save(teacher_checkpoint(build_net(TINY)), good)

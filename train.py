@@ -576,6 +576,7 @@ def main(cfg: Config):
     data = S.load_data(cfg.data)
     if not 1 <= cfg.students <= data.num_classes:
         raise ValueError(f'--students must be between 1 and the number of classes ({data.num_classes}), got {cfg.students}')
+    teacher = load_checked_teacher(cfg.teacher, data) if cfg.teacher else None    # a bad --teacher: fail before writing
     d = init_dist(cfg)
     mine, n_ranks = student_plan(d.rank, d.world, cfg.students)
     os.makedirs(os.path.join(cfg.out, 'ckpt'), exist_ok=True)
@@ -592,14 +593,13 @@ def main(cfg: Config):
 
     # Teacher: given, or trained here.
     teacher_path = cfg.teacher or os.path.join(cfg.out, 'teacher.pt')
-    if not cfg.teacher and 'teacher' in stages:
-        train_teacher(cfg, d, data)
-    if not os.path.exists(teacher_path):
-        raise FileNotFoundError(f'no teacher at {teacher_path}: give --teacher or include the teacher stage')
-    teacher = load_teacher(teacher_path).to(d.device)
-    if teacher.label_dim != data.num_classes or teacher.cfg.img_channels != data.shape[0] or teacher.cfg.img_resolution != data.shape[-1]:
-        raise ValueError(f'teacher {teacher_path} is for {teacher.label_dim} classes at {teacher.cfg.img_channels}x'
-                         f'{teacher.cfg.img_resolution}, the data has {data.num_classes} classes at {data.shape}')
+    if teacher is None:
+        if 'teacher' in stages:
+            train_teacher(cfg, d, data)
+        if not os.path.exists(teacher_path):
+            raise FileNotFoundError(f'no teacher at {teacher_path}: give --teacher or include the teacher stage')
+        teacher = load_checked_teacher(teacher_path, data)
+    teacher = teacher.to(d.device)
     student_stages = [s for s in stages if s != 'teacher']
     if not student_stages:
         return
@@ -642,6 +642,14 @@ def main(cfg: Config):
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def load_checked_teacher(path, data):
+    teacher = load_teacher(path)
+    if teacher.label_dim != data.num_classes or teacher.cfg.img_channels != data.shape[0] or teacher.cfg.img_resolution != data.shape[-1]:
+        raise ValueError(f'teacher {path} is for {teacher.label_dim} classes at {teacher.cfg.img_channels}x'
+                         f'{teacher.cfg.img_resolution}, the data has {data.num_classes} classes at {data.shape}')
+    return teacher
 
 
 # Settings that give saved state its meaning: a run folder resumes only with the same ones.
