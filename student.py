@@ -21,8 +21,23 @@ from teacher import EDMPrecond, GroupNorm, NetConfig, build_net
 def student_config(teacher_cfg: NetConfig, width: float = 1.0) -> NetConfig:
     """Same architecture as the teacher; width < 1 scales every channel count (model_channels).
     Students run without dropout: a one-step generator should be a deterministic function of z."""
-    channels = max(4, int(round(teacher_cfg.model_channels * width / 4)) * 4)   # GroupNorm needs C % 4 == 0
+    target = teacher_cfg.model_channels * width
+    valid = [c for c in range(4, teacher_cfg.model_channels + 1, 4) if _fits(teacher_cfg, c)]
+    channels = min(valid, key=lambda c: (abs(c - target), c))       # nearest width the architecture allows
     return replace(teacher_cfg, model_channels=channels, dropout=0.0)
+
+
+def _fits(cfg: NetConfig, model_channels):
+    """Every level's width must suit GroupNorm (min(32, C/4) groups must divide C) and, where there is
+    attention, its C // channels_per_head heads must divide C."""
+    for level, mult in enumerate(cfg.channel_mult):
+        c = model_channels * mult
+        groups = min(32, c // 4)
+        attention = (cfg.img_resolution >> level) in cfg.attn_resolutions or level == len(cfg.channel_mult) - 1
+        heads = c // cfg.channels_per_head if attention else 0
+        if c % 4 or c % groups or (heads and c % heads):
+            return False
+    return True
 
 
 class Student(nn.Module):

@@ -689,3 +689,14 @@ def test_bench_reports_every_generator(capsys):
     out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=1)
     assert len(out) == 4 and all(v > 0 for v in out.values())
     assert 'routing overhead' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('width', [0.9, 0.76, 0.67, 0.5, 0.3])
+def test_smaller_student_widths_build_at_imagenet_size(width):
+    """Any --student_width gives a network GroupNorm and attention accept (nearest valid width)."""
+    cfg = NetConfig(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=(1, 2, 3, 4),
+                    num_blocks=3, attn_resolutions=(32, 16, 8))
+    small = student_config(cfg, width)
+    assert small.model_channels < 192
+    with torch.device('meta'):
+        assert build_net(small)(torch.zeros(1, 3, 64, 64), torch.ones(1), torch.tensor([3])).shape == (1, 3, 64, 64)
