@@ -22,7 +22,9 @@ def student_config(teacher_cfg: NetConfig, width: float = 1.0) -> NetConfig:
     """Same architecture as the teacher; width < 1 scales every channel count (model_channels).
     Students run without dropout: a one-step generator should be a deterministic function of z."""
     target = teacher_cfg.model_channels * width
-    valid = [c for c in range(4, teacher_cfg.model_channels + 1, 4) if _fits(teacher_cfg, c)]
+    if width >= 1:
+        return replace(teacher_cfg, dropout=0.0)
+    valid = [c for c in range(4, teacher_cfg.model_channels, 4) if _fits(teacher_cfg, c)]   # strictly smaller
     channels = min(valid, key=lambda c: (abs(c - target), c))       # nearest width the architecture allows
     return replace(teacher_cfg, model_channels=channels, dropout=0.0)
 
