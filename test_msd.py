@@ -585,40 +585,37 @@ def test_nonfinite_loss_stops_with_message_or_is_skipped(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in msd.state_dict().values())
 
 
-def _ddp_worker(rank, path, result):
-    import torch.distributed as dist
+def _one_update(images, group=None, n=1):
+    """One AdamW update of a fixed random network on images `images` of a fixed batch of 8."""
     import train
-    dist.init_process_group('gloo', init_method=f'file://{path}', rank=rank, world_size=2)
     torch.manual_seed(0)
     net = randomize(build_net(TINY))
     cfg = train.Config(lr=1e-3, warmup=1, clip=1e9)
     opt, sched = train.make_optimizer(list(net.parameters()), cfg.lr, cfg)
     g = torch.Generator().manual_seed(1)
     x, y, s = torch.randn(8, 1, 8, 8, generator=g), torch.randint(6, (8,), generator=g), torch.rand(8, generator=g) + 0.1
-    half = slice(4 * rank, 4 * rank + 4)
-    ((net(x[half], s[half], y[half]) - x[half]) ** 2).mean().backward()
-    train.step_optimizer(opt, sched, list(net.parameters()), cfg, dist.group.WORLD, 2)
+    ((net(x[images], s[images], y[images]) - x[images]) ** 2).mean().backward()
+    train.step_optimizer(opt, sched, list(net.parameters()), cfg, group, n)
+    return net.state_dict()
+
+
+def _ddp_worker(rank, path, result):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{path}', rank=rank, world_size=2)
+    state = _one_update(slice(4 * rank, 4 * rank + 4), dist.group.WORLD, 2)
     if rank == 0:
-        torch.save(net.state_dict(), result)
+        torch.save(state, result)
     dist.destroy_process_group()
 
 
 def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path):
     """Data parallelism: 2 gloo ranks with 4 images each take the same step as 1 rank with all 8."""
     import torch.multiprocessing as mp
-    import train
     result = str(tmp_path / 'ddp.pt')
     mp.spawn(_ddp_worker, args=(str(tmp_path / 'rdzv'), result), nprocs=2)
-    torch.manual_seed(0)
-    net = randomize(build_net(TINY))
-    cfg = train.Config(lr=1e-3, warmup=1, clip=1e9)
-    opt, sched = train.make_optimizer(list(net.parameters()), cfg.lr, cfg)
-    g = torch.Generator().manual_seed(1)
-    x, y, s = torch.randn(8, 1, 8, 8, generator=g), torch.randint(6, (8,), generator=g), torch.rand(8, generator=g) + 0.1
-    ((net(x, s, y) - x) ** 2).mean().backward()
-    train.step_optimizer(opt, sched, list(net.parameters()), cfg)
-    ddp = torch.load(result, weights_only=True)
-    for k, v in net.state_dict().items():
+    ddp, single = torch.load(result, weights_only=True), _one_update(slice(0, 8))
+    assert ddp.keys() == single.keys()
+    for k, v in single.items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
 
 
