@@ -115,9 +115,14 @@ def routing_table(groups, num_classes):
     return table
 
 
+def lookup(table, labels):
+    """Student index of each label through a routing table; labels outside the classes are refused."""
+    labels = torch.as_tensor(labels, dtype=torch.long, device=table.device)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(table)):
+        raise ValueError(f'labels must lie in 0..{len(table) - 1}, got {labels.min().item()}..{labels.max().item()}')
+    return table[labels]
+
+
 def route(labels, groups, num_classes):
     """label -> student index, for a tensor of integer labels."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f'labels must lie in 0..{num_classes - 1}')
-    return routing_table(groups, num_classes)[labels]
+    return lookup(routing_table(groups, num_classes), labels)
