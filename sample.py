@@ -322,30 +322,95 @@ def forward_flops(net, shape, device):
     return counter.get_total_flops()
 
 
-def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76, 0.5), repeats=3):
+def variants(st, shape, batch, device, compile_=False):
+    """Other ways to run one student, each measured rather than assumed: channels_last memory format;
+    on CUDA bf16 autocast and the bf16 forward captured once as a CUDA graph and replayed (no per-layer
+    launch cost; the forward has no host sync, so it captures); torch.compile when asked."""
+    import copy
+    cl = copy.deepcopy(st).to(memory_format=torch.channels_last)
+    out = [('one student, channels_last', lambda z, y: cl(z.contiguous(memory_format=torch.channels_last), y))]
+    if device.type == 'cuda':
+        bf16 = lambda z, y: _bf16(st, z, y)
+        out.append(('one student, bf16 autocast', bf16))
+        out.append(('one student, bf16 + CUDA graph', cuda_graph(bf16, (batch,) + tuple(shape), device)))
+    if compile_:
+        out.append(('one student, torch.compile', torch.compile(st)))
+    return out
+
+
+def _bf16(net, z, y):
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        return net(z, y).float()
+
+
+def cuda_graph(gen, z_shape, device):
+    """gen captured as a CUDA graph for a fixed batch: a call copies z and labels into the graph's
+    static inputs and replays it (the returned tensor is overwritten by the next call)."""
+    z = torch.randn(z_shape, device=device)
+    y = torch.zeros(z_shape[0], dtype=torch.long, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):                                # warm-up outside the graph (cuDNN picks its kernels)
+            gen(z, y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = gen(z, y)
+
+    def run(z_new, y_new):
+        z.copy_(z_new); y.copy_(y_new)
+        graph.replay()
+        return out
+    return run
+
+
+def matmul_tflops(device, n=8192, repeats=10):
+    """The card's measured bf16 matrix-product rate (TFLOP/s), the ceiling for the FLOP fractions below."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76, 0.5), repeats=3, compile_=False):
     """Images/s on one machine and batch: the teacher's Heun sampler, one student, the routed MSD
-    generator with mixed labels, and smaller students (random weights: speed does not depend on them)."""
+    generator with mixed labels, other ways to run one student, and smaller students (random
+    weights: speed does not depend on them)."""
     from student import Student, student_config
     shape = (teacher.cfg.img_channels, teacher.cfg.img_resolution, teacher.cfg.img_resolution)
     labels = (torch.arange(batch) % msd.num_classes).to(device)          # mixed labels: every student runs
     own = torch.full((batch,), msd.groups[0][0], dtype=torch.long, device=device)
     nfe = 2 * heun_steps - 1
+    st0 = msd.students[0]
     rows = [(f'teacher, Heun {nfe} NFE', lambda z, y: heun(teacher, z, y, heun_steps), labels, 3, teacher.model),
-            ('one student (1 NFE)', msd.students[0], own, repeats, msd.students[0].net.model),
+            ('one student (1 NFE)', st0, own, repeats, st0.net.model),
             (f'MSD, {len(msd.students)} students, mixed labels', msd, labels, repeats, None)]
+    rows += [(name, gen, own, repeats, st0.net.model) for name, gen in variants(st0, shape, batch, device, compile_)]
     for w in widths:
         st = Student(student_config(teacher.cfg, w)).to(device).eval()
         rows.append((f'student at width {w} ({st.net.cfg.model_channels} ch, random weights)', st, own, repeats, st.net.model))
-    print(f'batch {batch}, median of {repeats} calls (teacher: of 3), on {device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else f'batch {batch} on {torch.cuda.get_device_name(device)}')
+    peak = matmul_tflops(device) if device.type == 'cuda' else None
+    print(f'batch {batch}, median of {repeats} calls (teacher: of 3), on {device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else
+          f'batch {batch} on {torch.cuda.get_device_name(device)}; measured bf16 matrix product {peak:.0f} TFLOP/s')
     out = {}
     for name, gen, y, reps, net in rows:
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
         ips = images_per_second(gen, shape, y, device, reps)
         params = sum(p.numel() for p in (net.parameters() if net is not None else gen.parameters())) / (1 if net is not None else len(msd.students))
         flops = forward_flops(lambda x, l: net(x, torch.ones(1, device=device), torch.nn.functional.one_hot(l, teacher.label_dim).float()), shape, device) if net is not None else None
         mem = f' | peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else ''
+        frac = f' | {100 * flops * ips * (nfe if name.startswith("teacher") else 1) / (peak * 1e12):.2f}% of bf16 peak' if peak and flops else ''
         out[name] = ips
         print(f'  {name:55s} {ips:9.2f} img/s | {1000 * batch / ips:9.1f} ms/batch | {params / 1e6:6.2f}M params'
-              + (f' | {flops / 1e9:.3f} GFLOP/forward' if flops else '') + mem)
+              + (f' | {flops / 1e9:.3f} GFLOP/forward' if flops else '') + mem + frac, flush=True)
     t, one, m = out[rows[0][0]], out[rows[1][0]], out[rows[2][0]]
     print(f'  ratios: one student / teacher {one / t:.1f}x (ideal {nfe}x) | MSD / teacher {m / t:.1f}x | '
           f'MSD / one student {m / one:.2f} (routing overhead {100 * (1 - m / one):+.1f}%)')
@@ -376,6 +441,7 @@ def main(argv=None):
     ap.add_argument('--teacher', default='', help='teacher for --bench (default: the one recorded in the MSD checkpoint)')
     ap.add_argument('--batch', type=int, default=64, help='batch size for --bench (default 64)')
     ap.add_argument('--repeats', type=int, default=10, help='timed calls per one-step generator in --bench, median taken (default 10)')
+    ap.add_argument('--compile', action='store_true', help='--bench also measures one student under torch.compile (compiles first)')
     ap.add_argument('--heun_steps', type=int, default=18, help='teacher Heun steps N, 2N-1 NFE (default 18 -> 35)')
     ap.add_argument('--device', default='auto', help='auto, cpu or cuda')
     args = ap.parse_args(argv)
@@ -416,7 +482,7 @@ def main(argv=None):
         tpath = args.teacher or ckpt.get('teacher', '')
         if not tpath or not os.path.exists(tpath):
             raise FileNotFoundError(f'--bench needs the teacher: give --teacher (recorded path {tpath!r} not found)')
-        bench(gen, load_teacher(tpath).to(device), args.batch, args.heun_steps, device, repeats=args.repeats)
+        bench(gen, load_teacher(tpath).to(device), args.batch, args.heun_steps, device, repeats=args.repeats, compile_=args.compile)
         metrics = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'metrics.jsonl')
         if os.path.exists(metrics):              # the run's training throughput, as train.py logged it
             with open(metrics) as f:

@@ -231,8 +231,8 @@ class EDMPrecond(nn.Module):
     def one_hot(self, labels, n):
         if labels is None:
             return torch.zeros(n, self.label_dim)
-        if labels.ndim == 1:
-            return F.one_hot(labels.long(), self.label_dim).float()
+        if labels.ndim == 1:       # one-hot by comparison: unlike F.one_hot, no device sync (CUDA graphs)
+            return (labels.long()[:, None] == torch.arange(self.label_dim, device=labels.device)).float()
         return labels.float()
 
     def precond(self, sigma):
@@ -245,7 +245,10 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x, sigma, labels=None, return_bottleneck=False):
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        if torch.is_tensor(sigma):
+            sigma = sigma.to(x.device, torch.float32).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        else:                      # a number: filled on the device, no host-to-device copy (CUDA graphs)
+            sigma = torch.full((x.shape[0], 1, 1, 1), float(sigma), device=x.device)
         y = self.one_hot(labels, x.shape[0]).to(x.device) if self.label_dim else None
         c_skip, c_out, c_in, c_noise = self.precond(sigma)
         F_x = self.model(c_in * x, c_noise.flatten(), y, return_bottleneck=return_bottleneck)

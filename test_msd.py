@@ -684,7 +684,7 @@ def test_bench_reports_every_generator(capsys):
     teacher = randomize(build_net(TINY)).eval()
     msd = MSD([Student.from_teacher(teacher) for _ in range(2)], [[0, 1, 2], [3, 4, 5]], 6).eval()
     out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=1)
-    assert len(out) == 4 and all(v > 0 for v in out.values())
+    assert len(out) == 5 and all(v > 0 for v in out.values())
     assert 'routing overhead' in capsys.readouterr().out
 
 
@@ -697,3 +697,57 @@ def test_smaller_student_widths_build_at_imagenet_size(width):
     assert small.model_channels < 192
     with torch.device('meta'):
         assert build_net(small)(torch.zeros(1, 3, 64, 64), torch.ones(1), torch.tensor([3])).shape == (1, 3, 64, 64)
+
+
+def test_channels_last_variant_computes_the_same_images():
+    st = Student.from_teacher(randomize(build_net(TINY))).eval()
+    z, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 5])
+    (name, fn), = S.variants(st, (1, 8, 8), 3, torch.device('cpu'))
+    with torch.no_grad():
+        torch.testing.assert_close(fn(z, y), st(z, y), rtol=1e-5, atol=1e-5)
+
+
+def test_frechet_distance_closed_forms():
+    """Shifting features by c gives FID |c|^2; scaling by a gives (1 - a)^2 (|mu|^2 + tr S) (equal-shape covariances)."""
+    import experiments as E
+    f = torch.randn(300, 6, generator=torch.Generator().manual_seed(0)).double() @ torch.randn(6, 6, generator=torch.Generator().manual_seed(1)).double()
+    c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0], dtype=torch.float64)
+    assert abs(E.frechet(f, f + c) - c.square().sum().item()) < 1e-6
+    a, mu, cov = 0.5, f.mean(0), torch.cov(f.T)
+    assert abs(E.frechet(f, a * f) - (1 - a) ** 2 * (mu.square().sum() + cov.trace()).item()) < 1e-6
+
+
+def test_report_tables_verdicts_and_plot(tmp_path):
+    import experiments as E
+    cfg = E.GridConfig(out=str(tmp_path), results=str(tmp_path / 'RESULTS.md'))
+    row = lambda fid, params=1e6, ips=100.0: dict(title='', fid=fid, samples=100, ref=1000, params=params, nfe=1, accuracy=0.9,
+                                                 per_class=[0.9] * 10, latency_ms=1.0, images_per_s=ips, train_s=60.0,
+                                                 groups=[[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]], group_fid=[1, 2, 3, 4])
+    rows = {'teacher': dict(row(10.0), nfe=35, train_s=None), 'k1-dm': row(40), 'k1': row(30), 'k2-dm': row(35), 'k2': row(25),
+            'k4-dm': row(30), 'k4': row(20), 'k4-random': row(22), 'k4-half': row(24, 0.3e6, 250.0)}
+    results = dict(rows=rows, dm_steps=20, adm_steps=10, batch=16, lr=1e-4, tsm_steps=5, machine='test',
+                   curve={'k1:10': 50.0, 'k1:20': 40.0, 'k1:30': 30.0, 'k4:10': 45.0, 'k4:20': 30.0, 'k4:30': 20.0})
+    (tmp_path / 'RESULTS.md').write_text('old\n<!-- reading: written by hand, kept when the script rewrites this file -->\nmy reading\n')
+    E.report(cfg, results)
+    text = (tmp_path / 'RESULTS.md').read_text()
+    assert text.count('\n| K = ') == 8 and '| EDM teacher, Heun 35 NFE | 10.00 |' in text and text.rstrip().endswith('my reading')
+    assert 'best MSD row FID 20.00 vs teacher 10.00: does not hold' in text and 'holds (monotone)' in text
+    assert 'ADM lowers FID in 3 of 3' in text and '20.00 vs 22.00: holds' in text and '2.50x the images/s' in text
+    assert Image.open(tmp_path / 'grids' / 'fid_vs_iterations.png').size == (640, 400)
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_only_students_in_separate_processes_then_msd(tmp_path):
+    """Students trained by separate --only_students runs (the experiment grid on one GPU) give msd.pt once all exist."""
+    import train
+    out = str(tmp_path / 'run')
+    args = TINY_RUN + ['--out', out, '--students', '2', '--stages', 'teacher,dm', '--snapshot_every', '1', '--fid_samples', '0']
+    train.main(train.parse_args(args + ['--only_students', '1']))
+    assert os.path.exists(os.path.join(out, 'student1.pt')) and not os.path.exists(os.path.join(out, 'student0.pt'))
+    assert not os.path.exists(os.path.join(out, 'msd.pt'))
+    assert sorted(os.listdir(os.path.join(out, 'snapshots'))) == ['dm-student1-step1.pt', 'dm-student1-step2.pt']
+    train.main(train.parse_args(args + ['--only_students', '0']))
+    train.main(train.parse_args(args))
+    msd = load_msd(os.path.join(out, 'msd.pt'))
+    final = torch.load(os.path.join(out, 'snapshots', 'dm-student1-step2.pt'), weights_only=True)['state_dict']
+    assert all(torch.equal(final[k], v) for k, v in msd.students[1].state_dict().items())

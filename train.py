@@ -57,6 +57,8 @@ class Config:
     partition: str = opt('contiguous', 'how classes are split among students: ' + ', '.join(P.STRATEGIES))
     partition_file: str = opt('', 'JSON file with the partition as a list of K lists of class indices (overrides --partition)')
     seed: int = opt(0, 'random seed (rank r uses seed + r)')
+    only_students: str = opt('', 'train only these students here, e.g. 0,2 (several processes sharing one GPU); '
+                                 'a later run without it finds them done and writes msd.pt')
     skip_nonfinite: int = opt(0, '1: skip an update whose loss or gradient is NaN/inf instead of stopping the run')
     device: str = opt('auto', 'auto, cpu or cuda')
     # teacher network (ignored when --teacher is given: the checkpoint has its own)
@@ -93,6 +95,7 @@ class Config:
     log_every: int = opt(10, 'log losses every this many steps')
     grid_every: int = opt(10, 'also write a student sample grid every this many generator steps (0: end of each stage only)')
     ckpt_every: int = opt(50, 'save resumable state every this many steps')
+    snapshot_every: int = opt(0, 'also keep the student every this many generator steps in snapshots/ (0: off)')
     fid_samples: int = opt(500, 'samples for the final FID of teacher and MSD (0: skip FID)')
     fid_ref: int = opt(500, 'training images in the FID reference statistics (cached)')
     fid_teacher: int = opt(1, 'also measure the teacher\'s FID at the end (0: skip; costly at scale)')
@@ -270,27 +273,31 @@ def make_optimizer(params, lr, cfg, adam=False, steps_per_update=1):
 
 
 def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=''):
-    """Average gradients over the group, clip, step. A non-finite loss or gradient stops the run with a
-    message naming where it happened (nothing is saved after it, so the last checkpoint is the last
-    good state), or, with --skip_nonfinite 1, skips this update. The decision is taken jointly by all
-    ranks of the group, so they never diverge."""
+    """Average gradients over the group, clip, step; returns (grad norm, {loss name: value}) as floats.
+    A non-finite loss or gradient stops the run with a message naming where it happened (nothing is
+    saved after it, so the last checkpoint is the last good state), or, with --skip_nonfinite 1, skips
+    this update. The decision is taken jointly by all ranks of the group, so they never diverge.
+    Losses come in as device tensors: their values, the norm and the verdict reach the host in one
+    transfer, the only host-device synchronisation of an update."""
     average_gradients(params, group, n)
-    gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
     losses = losses or {}
-    bad = torch.tensor(float(not math.isfinite(gn) or not all(math.isfinite(v) for v in losses.values())))
+    vals = torch.stack([torch.nn.utils.clip_grad_norm_(params, cfg.clip).float()] + [v.detach().float() for v in losses.values()])
+    bad = (~torch.isfinite(vals)).any().float().reshape(1)
     if n > 1:
         dist.all_reduce(bad, group=group)
-    if bad.item():
+    *vals, bad = torch.cat([vals, bad]).tolist()                 # the one sync
+    gn, losses = vals[0], dict(zip(losses, vals[1:]))
+    if bad:
         opt.zero_grad(set_to_none=True)
         msg = f'{where}: non-finite ' + ', '.join(f'loss {k} = {v:.4g}' for k, v in losses.items()) + f', grad norm {gn:.4g}'
         if not cfg.skip_nonfinite:
             raise FloatingPointError(msg + ' (last good checkpoint kept; --skip_nonfinite 1 skips such steps)')
         print(f'skipped update: {msg}', file=sys.stderr, flush=True)
-        return float('nan')
+        return float('nan'), losses
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return gn
+    return gn, losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,15 +331,14 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
         with autocast(d.device):
             loss = L.edm_loss(net, x.to(d.device), y.to(d.device), sigma_data=net.sigma_data).mean()
         loss.backward()
-        step_optimizer(o, sched, params, cfg, group, d.world, {'edm': loss.item()}, f'teacher stage, step {step + 1}')
+        _, vals = step_optimizer(o, sched, params, cfg, group, d.world, {'edm': loss}, f'teacher stage, step {step + 1}')
         with torch.no_grad():                                             # EMA of the weights
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - cfg.ema)
+            torch._foreach_lerp_(list(ema.parameters()), params, 1 - cfg.ema)
         step += 1
-        loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step > 1 else loss.item()
+        loss_avg = 0.98 * loss_avg + 0.02 * vals['edm'] if step > 1 else vals['edm']
         bar.update(step, f'loss {loss_avg:.4f}')
         if d.main and (step % cfg.log_every == 0 or step == cfg.teacher_steps):
-            log_metrics(cfg, dict(stage='teacher', step=step, loss=loss.item()))
+            log_metrics(cfg, dict(stage='teacher', step=step, loss=vals['edm']))
         if step % cfg.ckpt_every == 0 or step == cfg.teacher_steps:
             rngs = gather_rng(rng_state(gen), dist.group.WORLD if d.world > 1 else None, d.world)
             if d.main:
@@ -396,15 +402,15 @@ def critic_step(run, G, fake, opt, sched, adm):
     with autocast(run.d.device):
         loss_fake = L.fake_score_loss(fake, x_fake, y, run.grid).mean()
         loss = loss_fake
-        out = dict(fake_score=loss_fake.item())
+        out = dict(fake_score=loss_fake)
         if adm:
             x_real, y_real = run.real(n)
             loss_gan = L.gan_critic_loss(fake.critic, x_real, y_real, x_fake, y, run.grid).mean()
             loss = loss + cfg.gan_critic_weight * loss_gan
-            out['gan_critic'] = loss_gan.item()
+            out['gan_critic'] = loss_gan
     loss.backward()
-    out['grad_critic'] = step_optimizer(opt, sched, list(fake.parameters()), cfg, run.group, run.n, dict(out), run.where('critic'))
-    return out
+    gn, out = step_optimizer(opt, sched, list(fake.parameters()), cfg, run.group, run.n, out, run.where('critic'))
+    return dict(out, grad_critic=gn)
 
 
 def generator_step(run, G, fake, opt, sched, adm, pairs=None):
@@ -417,21 +423,21 @@ def generator_step(run, G, fake, opt, sched, adm, pairs=None):
         x = G(run.noise(n), y).float()
         loss_dm = L.dm_loss(run.teacher, fake, x, y, run.grid).mean()
         loss = loss_dm
-        out = dict(dm=loss_dm.item())
+        out = dict(dm=loss_dm)
         if adm:
             loss_gan = L.gan_generator_loss(fake.critic, x, y, run.grid).mean()
             loss = loss + cfg.gan_gen_weight * loss_gan
-            out['gan_gen'] = loss_gan.item()
+            out['gan_gen'] = loss_gan
         if pairs is not None and cfg.regression_weight > 0:
             i = torch.randint(len(pairs['z']), (n,), generator=run.gen)
             x_reg = G(pairs['z'][i].to(run.d.device), pairs['y'][i].to(run.d.device)).float()
             loss_reg = L.regression_loss(x_reg, pairs['x'][i].to(run.d.device), run.lpips).mean()
             loss = loss + cfg.regression_weight * loss_reg
-            out['regression'] = loss_reg.item()
+            out['regression'] = loss_reg
     loss.backward()
     fake.requires_grad_(True)
-    out['grad_gen'] = step_optimizer(opt, sched, list(G.parameters()), cfg, run.group, run.n, dict(out), run.where('generator'))
-    return out
+    gn, out = step_optimizer(opt, sched, list(G.parameters()), cfg, run.group, run.n, out, run.where('generator'))
+    return dict(out, grad_gen=gn)
 
 
 def tsm_step(run, G, opt, sched):
@@ -439,8 +445,8 @@ def tsm_step(run, G, opt, sched):
     with autocast(run.d.device):
         loss = L.tsm_loss(G.net, run.teacher, x, y, sigma_data=G.net.sigma_data).mean()
     loss.backward()
-    grad = step_optimizer(opt, sched, list(G.parameters()), run.cfg, run.group, run.n, {'tsm': loss.item()}, run.where('tsm'))
-    return dict(tsm=loss.item(), grad_gen=grad)
+    grad, out = step_optimizer(opt, sched, list(G.parameters()), run.cfg, run.group, run.n, {'tsm': loss}, run.where('tsm'))
+    return dict(out, grad_gen=grad)
 
 
 def stage_path(cfg, stage, k):
@@ -543,6 +549,10 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
                                      fake=fake.state_dict(), opt_G=go.state_dict(), sched_G=gsched.state_dict(),
                                      opt_fake=fo.state_dict(), sched_fake=fsched.state_dict(), rng=rngs,
                                      partition=groups, config=asdict(cfg)), stage_path(cfg, stage, k))
+            if leader and cfg.snapshot_every and step % cfg.snapshot_every == 0 and stage != 'tsm':
+                os.makedirs(os.path.join(cfg.out, 'snapshots'), exist_ok=True)
+                atomic_save(student_record(G, k, classes, groups, cfg),
+                            os.path.join(cfg.out, 'snapshots', f'{stage}-student{k}-step{step}.pt'))
             if leader and cfg.grid_every and step % cfg.grid_every == 0:
                 S.save_grid(S.class_grid(G, data.num_classes, 4, G.net.cfg, classes=classes, device=d.device),
                             os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
@@ -554,8 +564,13 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
             S.save_grid(S.class_grid(G, data.num_classes, 8, G.net.cfg, classes=classes, device=d.device),
                         os.path.join(cfg.out, 'grids', f'{stage}-student{k}.png'))
     if leader:
-        atomic_save(dict(kind='student', student=k, classes=list(classes), partition=groups, net=asdict(G.net.cfg),
-                         state_dict=G.cpu().state_dict(), config=asdict(cfg)), os.path.join(cfg.out, f'student{k}.pt'))
+        atomic_save(student_record(G, k, classes, groups, cfg), os.path.join(cfg.out, f'student{k}.pt'))
+
+
+def student_record(G, k, classes, groups, cfg):
+    """One trained student as a plain checkpoint (weights on the CPU, its classes, the run's config)."""
+    return dict(kind='student', student=k, classes=list(classes), partition=groups, net=asdict(G.net.cfg),
+                state_dict={n: t.detach().cpu() for n, t in G.state_dict().items()}, config=asdict(cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,12 +635,21 @@ def main(cfg: Config):
     # Students: subgroups are created by every rank, in the same order (torch.distributed requires it).
     groups_pg = [dist.new_group(list(range(k * n_ranks, (k + 1) * n_ranks))) for k in range(cfg.students)] \
         if d.world > 1 and n_ranks > 1 else [None] * cfg.students
+    if cfg.only_students:
+        only = [int(v) for v in cfg.only_students.split(',') if v.strip()]
+        if any(not 0 <= v < cfg.students for v in only):
+            raise ValueError(f'--only_students {cfg.only_students}: students are numbered 0..{cfg.students - 1}')
+        mine = [k for k in mine if k in only]
     torch.manual_seed(cfg.seed + d.rank)
     for k in mine:
         if not os.path.exists(os.path.join(cfg.out, f'student{k}.pt')) or student_stages[-1] not in done_stages(cfg, k):
             train_student(cfg, d, k, groups, data, teacher, student_stages, groups_pg[k], n_ranks)
     if d.world > 1:
         dist.barrier()
+    missing = [k for k in range(cfg.students) if not os.path.exists(os.path.join(cfg.out, f'student{k}.pt'))]
+    if missing:                                  # --only_students: the others are trained elsewhere
+        d.main and print(f'students {missing} not trained yet: msd.pt is written by a run that finds all of them', flush=True)
+        return
     if d.main:
         students = []
         for k in range(cfg.students):

@@ -1,0 +1,542 @@
+"""The paper's claims at small scale: the MSD experiment grid on Fashion-MNIST, written to RESULTS.md.
+
+Claims tested (MSD sec. 4, method.md sec. 3), every row distilled from one committed teacher:
+    (a) one-step MSD students match or beat the 35-NFE teacher       teacher vs K = 4 (DM + ADM)
+    (b) more same-size students give lower FID                       K = 1, 2, 4 (same batch, same iterations)
+    (c) the adversarial stage helps                                  DM only vs DM then ADM
+    (d) smaller students (TSM first) are faster and stay competitive  K = 4 at half the channels
+    (e) contiguous partitions beat random ones                       K = 4 contiguous vs random
+Every row: FID (torch-fidelity's Inception, 2048 pool features, stated sample counts) against the
+Fashion-MNIST training set, classifier accuracy of its samples (which also checks the routing),
+parameters, one-step latency and images/s on the machine that ran it, training time. K = 4 also gets
+per-student FID (each student's samples against the real images of its own classes), and K = 1 vs
+K = 4 a plot of FID against generator iterations.
+
+    python experiments.py                       # 2-core CPU preset, about 2 hours
+    python experiments.py --preset gpu          # larger sizes on one GPU (students train in parallel)
+    python experiments.py --parts report        # rewrite RESULTS.md from runs/grid/results.json
+
+Each part resumes: a finished student, cached reference features or an evaluated row is not redone.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+import sample as S
+from msd import MSD, load_msd
+from student import Student, student_config
+from teacher import count_params, load_teacher
+
+
+def opt(default, help):
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass
+class GridConfig:
+    out: str = opt('runs/grid', 'folder for the runs, results.json, grids and the plot')
+    results: str = opt('RESULTS.md', 'the report to write')
+    teacher: str = opt('checkpoints/fashion-teacher.pt', 'the teacher every row distils')
+    classifier: str = opt('checkpoints/fashion-classifier.pt', 'Fashion-MNIST classifier (trained here if missing)')
+    data: str = opt('', f'Fashion-MNIST IDX folder (default {S.FASHION_DIR})')
+    parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report')
+    device: str = opt('auto', 'auto, cpu or cuda')
+    jobs: int = opt(1, 'student trainings run at once (one process each; on a GPU they share it)')
+    batch: int = opt(16, 'per-student batch (equal in every row)')
+    lr: float = opt(1e-4, 'AdamW learning rate of DM and ADM')
+    tsm_steps: int = opt(300, 'TSM steps of the half-width students')
+    dm_steps: int = opt(60, 'DM generator iterations per student (equal in every row)')
+    adm_steps: int = opt(30, 'ADM generator iterations per student, after DM')
+    train_minutes: float = opt(0.0, '> 0: instead of --dm_steps/--adm_steps, time a short probe of all students '
+                                    'training at once and choose the iterations that fit these minutes (60%% DM, 40%% ADM)')
+    snapshot_every: int = opt(15, 'keep K = 1 and K = 4 students every this many iterations for the FID plot')
+    fid_samples: int = opt(500, 'generated images per FID (labels balanced over the classes)')
+    fid_ref: int = opt(2000, 'training images in the reference statistics (60000: all; cached)')
+    plot_samples: int = opt(250, 'generated images per point of the FID-vs-iterations plot')
+    speed_batch: int = opt(64, 'batch for images/s')
+    heun_steps: int = opt(18, 'teacher Heun steps N (2N-1 = 35 NFE)')
+
+
+PRESETS = {
+    'cpu': GridConfig(),
+    'gpu': GridConfig(device='cuda', jobs=15, batch=64, tsm_steps=2000, dm_steps=600, adm_steps=400, snapshot_every=100,
+                      fid_samples=10000, fid_ref=60000, plot_samples=2000, speed_batch=1024),
+}
+
+# (name, K, partition, width, stages): one training run each; 'dm only' rows reuse the DM stage of their run.
+RUNS = [('k1', 1, 'contiguous', 1.0, 'dm,adm'), ('k2', 2, 'contiguous', 1.0, 'dm,adm'), ('k4', 4, 'contiguous', 1.0, 'dm,adm'),
+        ('k4-random', 4, 'random', 1.0, 'dm,adm'), ('k4-half', 4, 'contiguous', 0.5, 'tsm,dm,adm')]
+ROWS = [('teacher', None, None, 'EDM teacher, Heun 35 NFE'),
+        ('k1-dm', 'k1', 'dm', 'K = 1, DM only'), ('k1', 'k1', 'adm', 'K = 1, DM + ADM'),
+        ('k2-dm', 'k2', 'dm', 'K = 2, DM only'), ('k2', 'k2', 'adm', 'K = 2, DM + ADM'),
+        ('k4-dm', 'k4', 'dm', 'K = 4, DM only'), ('k4', 'k4', 'adm', 'K = 4, DM + ADM (main)'),
+        ('k4-random', 'k4-random', 'adm', 'K = 4, random partition, DM + ADM'),
+        ('k4-half', 'k4-half', 'adm', 'K = 4, half width, TSM + DM + ADM')]
+
+
+def parse_args(argv=None) -> GridConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--preset', default='cpu', help=f'starting defaults: {", ".join(PRESETS)} (default: cpu)')
+    for f in fields(GridConfig):
+        ap.add_argument('--' + f.name, type=f.type, default=None, help=f'{f.metadata["help"]} (cpu: {getattr(PRESETS["cpu"], f.name)!r})')
+    args = ap.parse_args(argv)
+    if args.preset not in PRESETS:
+        ap.error(f'unknown preset {args.preset!r}: choose one of {", ".join(PRESETS)}')
+    return dataclasses.replace(PRESETS[args.preset], **{f.name: getattr(args, f.name) for f in fields(GridConfig)
+                                                         if getattr(args, f.name) is not None})
+
+
+def machine(device):
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)} ({os.cpu_count()} CPU cores), torch {torch.__version__}'
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}'
+
+
+# ----------------------------------------------------------------------------------------------
+# A small Fashion-MNIST classifier: checks that generated images show their label's garment.
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+        self.net = nn.Sequential(conv(1, 32), conv(32, 32), nn.MaxPool2d(2), conv(32, 64), conv(64, 64), nn.MaxPool2d(2),
+                                 nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 10))
+
+    def forward(self, x_uint8):
+        return self.net(x_uint8.float() / 127.5 - 1)
+
+
+def test_set(data_dir):
+    d = data_dir or S.FASHION_DIR
+    find = lambda stem: next(p for p in (os.path.join(d, stem), os.path.join(d, stem + '.gz')) if os.path.exists(p))
+    return S._read_idx(find('t10k-images-idx3-ubyte'))[:, None], S._read_idx(find('t10k-labels-idx1-ubyte')).long()
+
+
+def classifier(cfg, data, device, epochs=4):
+    """The committed classifier, or train one (Adam, 4 epochs, random shifts) and report test accuracy."""
+    net = Classifier()
+    if os.path.exists(cfg.classifier):
+        net.load_state_dict(torch.load(cfg.classifier, map_location='cpu', weights_only=True)['state_dict'])
+        return net.to(device).eval()
+    torch.manual_seed(0)
+    net = net.to(device).train()
+    o = torch.optim.Adam(net.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(o, 3e-3, total_steps=epochs * (len(data) // 128))
+    x_all, y_all = data.uint8(torch.arange(len(data))), data.labels
+    bar = S.Progress('classifier', epochs * (len(data) // 128))
+    for e in range(epochs):
+        perm = torch.randperm(len(data))
+        for i in range(len(data) // 128):
+            idx = perm[i * 128:(i + 1) * 128]
+            x = x_all[idx]
+            dx, dy = torch.randint(-2, 3, (2,)).tolist()              # a random shift of up to 2 pixels
+            x = torch.roll(x, (dx, dy), (2, 3))
+            loss = nn.functional.cross_entropy(net(x.to(device)), y_all[idx].to(device))
+            o.zero_grad(); loss.backward(); o.step(); sched.step()
+            bar.update(e * (len(data) // 128) + i + 1, f'loss {loss.item():.3f}')
+    bar.close(epochs * (len(data) // 128))
+    net.eval()
+    acc = None
+    try:
+        xt, yt = test_set(cfg.data)
+        acc = float(accuracy(net, xt, yt, device)[0])
+    except StopIteration:
+        pass
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.classifier)), exist_ok=True)
+    torch.save(dict(kind='classifier', state_dict={k: v.cpu() for k, v in net.state_dict().items()}, test_accuracy=acc,
+                    command='python experiments.py (trained when checkpoints/fashion-classifier.pt is missing)'), cfg.classifier)
+    print(f'classifier: test accuracy {acc}', flush=True)
+    return net
+
+
+@torch.no_grad()
+def accuracy(net, images, labels, device):
+    """(overall accuracy, per-class accuracy [C]) of net on uint8 images with intended labels."""
+    pred = torch.cat([net(images[i:i + 1000].to(device)).argmax(1).cpu() for i in range(0, len(images), 1000)])
+    hit = (pred == labels).float()
+    per = torch.stack([hit[labels == c].mean() for c in range(10)])
+    return hit.mean().item(), per.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# FID from Inception features (torch-fidelity's extractor and its Frechet distance).
+
+class Inception:
+    def __init__(self, device):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        self.device = device
+        self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'],
+                                               feature_extractor_weights_path=S.inception_weights()).to(device).eval()
+
+    @torch.no_grad()
+    def features(self, images, name='features'):
+        if self.device.type == 'cuda':               # full float32 convolutions (no TF32), like on the CPU
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        out, bs = [], 200 if self.device.type == 'cuda' else 50
+        bar = S.Progress(f'inception {name}', len(images), enabled=len(images) > bs)
+        for i in range(0, len(images), bs):
+            x = images[i:i + bs]
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            out.append(self.net(x.contiguous().to(self.device))[0].double().cpu())
+            bar.update(min(i + bs, len(images)))
+        bar.close(len(images))
+        return torch.cat(out)
+
+
+def frechet(f1, f2):
+    """FID between two feature sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (torch-fidelity's formula)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    return fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), False)['frechet_inception_distance']
+
+
+def reference(cfg, data, inception):
+    """Features and labels of cfg.fid_ref training images (a fixed random subset; all for 60000), cached."""
+    n = min(cfg.fid_ref, len(data))
+    path = os.path.join(S.CACHE, f'fashion-train-features-{n}.pt')
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:n]
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True), data.labels[idx]
+    feats = inception.features(data.uint8(idx), f'reference ({n} training images)')
+    os.makedirs(S.CACHE, exist_ok=True)
+    torch.save(feats.float(), path + '.tmp')
+    os.replace(path + '.tmp', path)
+    return feats.float(), data.labels[idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one train.py process per student, at most cfg.jobs at once, then one to write msd.pt.
+
+def train_command(cfg, run, teacher, dm_steps, adm_steps, k=None, out=None):
+    name, K, part, width, stages = run
+    snap = cfg.snapshot_every if name in ('k1', 'k4') else 0
+    cmd = [sys.executable, 'train.py', '--teacher', teacher, '--out', out or os.path.join(cfg.out, name), '--students', str(K),
+           '--partition', part, '--student_width', str(width), '--stages', stages, '--batch', str(cfg.batch), '--lr', str(cfg.lr),
+           '--tsm_steps', str(cfg.tsm_steps), '--dm_steps', str(dm_steps), '--adm_steps', str(adm_steps), '--heun_steps',
+           str(cfg.heun_steps), '--snapshot_every', str(snap), '--grid_every', '0', '--fid_samples', '0', '--device', cfg.device]
+    if cfg.data:
+        cmd += ['--data', cfg.data]
+    return cmd + (['--only_students', str(k)] if k is not None else [])
+
+
+def run_all(commands, jobs, log_dir):
+    """Run the commands, `jobs` at a time, each logging to its own file; stop at the first failure."""
+    os.makedirs(log_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1' if jobs > 1 else str(torch.get_num_threads())))
+    pending, running, t0 = list(enumerate(commands)), [], time.time()
+    bar = S.Progress('students', len(commands))
+    done = 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            i, cmd = pending.pop(0)
+            log = open(os.path.join(log_dir, f'job{i:02d}.log'), 'w')
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, i))
+        time.sleep(1)
+        for p, log, i in list(running):
+            if p.poll() is not None:
+                running.remove((p, log, i)); log.close(); done += 1
+                if p.returncode:
+                    for q, l, _ in running:
+                        q.kill()
+                    raise RuntimeError(f'training job {i} failed (exit {p.returncode}): see {log_dir}/job{i:02d}.log')
+        bar.update(done)
+    bar.close(done)
+    return time.time() - t0
+
+
+def probe_steps(cfg, teacher):
+    """Iterations per student that fit cfg.train_minutes with all students training at once: time 6 DM
+    iterations of every student together and take the slowest one's rate."""
+    cmds = [train_command(cfg, r, teacher, 6, 0, k, os.path.join(cfg.out, 'probe', r[0])) + ['--stages', 'dm', '--warmup', '1']
+            for r in RUNS for k in range(r[1])]
+    run_all(cmds, cfg.jobs, os.path.join(cfg.out, 'probe', 'logs'))
+    rates = []
+    for r in RUNS:
+        with open(os.path.join(cfg.out, 'probe', r[0], 'metrics.jsonl')) as f:
+            rates += [rec['steps_per_s'] for rec in map(json.loads, f) if rec.get('throughput')]
+    rate = min(rates)
+    total = int(0.85 * cfg.train_minutes * 60 * rate / 1.15)       # ADM iterations cost ~30% more than DM ones
+    step = max(cfg.snapshot_every, 1)
+    dm, adm = max(step, 0.6 * total // step * step), max(step, 0.4 * total // step * step)
+    print(f'probe: slowest student {rate:.2f} DM it/s with {len(cmds)} at once -> dm_steps {int(dm)}, adm_steps {int(adm)}', flush=True)
+    return int(dm), int(adm)
+
+
+def train(cfg, results):
+    teacher = os.path.abspath(cfg.teacher)
+    dm, adm = results.get('dm_steps', cfg.dm_steps), results.get('adm_steps', cfg.adm_steps)
+    if cfg.train_minutes > 0 and 'dm_steps' not in results:
+        dm, adm = probe_steps(cfg, teacher)
+    results.update(dm_steps=dm, adm_steps=adm, batch=cfg.batch, lr=cfg.lr, tsm_steps=cfg.tsm_steps)
+    cmds = [train_command(cfg, r, teacher, dm, adm, k) for r in RUNS for k in range(r[1])
+            if not os.path.exists(os.path.join(cfg.out, r[0], f'student{k}.pt'))]
+    results['train_wall_s'] = results.get('train_wall_s', 0) + run_all(cmds, cfg.jobs, os.path.join(cfg.out, 'logs'))
+    results['train_jobs'] = cfg.jobs
+    run_all([train_command(cfg, r, teacher, dm, adm) for r in RUNS], cfg.jobs, os.path.join(cfg.out, 'logs-msd'))   # msd.pt
+    results['commands'] = {r[0]: ' '.join(train_command(cfg, r, cfg.teacher, dm, adm)[1:]) for r in RUNS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+def load_stage(cfg, run, stage, teacher, step=None):
+    """MSD generator of a run at the end of a stage (or at a snapshot step)."""
+    name, K, part, width, _ = run
+    folder = os.path.join(cfg.out, name)
+    if stage == 'adm' and step is None:
+        return load_msd(os.path.join(folder, 'msd.pt'))
+    students, groups = [], None
+    for k in range(K):
+        path = os.path.join(folder, 'snapshots', f'{stage}-student{k}-step{step}.pt') if step else os.path.join(folder, 'ckpt', f'{stage}-student{k}.pt')
+        s = torch.load(path, map_location='cpu', weights_only=True)
+        st = Student(student_config(teacher.cfg, width))
+        st.load_state_dict(s['G'] if 'G' in s else s['state_dict'])
+        students.append(st)
+        groups = s['partition']
+    return MSD(students, groups, teacher.label_dim)
+
+
+def speed(gen, shape, num_classes, batch, device):
+    """(one-image latency in ms, images/s at `batch`), medians of timed calls."""
+    lat = 1000 / S.images_per_second(gen, shape, torch.zeros(1, dtype=torch.long, device=device), device, repeats=9)
+    ips = S.images_per_second(gen, shape, (torch.arange(batch) % num_classes).to(device), device, repeats=5)
+    return lat, ips
+
+
+def run_seconds(cfg, name):
+    """Training time of a run: the summed wall time of its students' stages (from train.py's metrics)."""
+    with open(os.path.join(cfg.out, name, 'metrics.jsonl')) as f:
+        return sum(r['sec'] for r in map(json.loads, f) if r.get('throughput'))
+
+
+def evaluate(cfg, results, device):
+    data = S.load_data(cfg.data)
+    teacher = load_teacher(cfg.teacher).to(device).eval()
+    shape = tuple(data.shape)
+    results['machine'] = results.get('machine') or machine(device)
+    inception = Inception(device)
+    ref, ref_labels = reference(cfg, data, inception)
+    clf = classifier(cfg, data, device)
+    labels = torch.arange(cfg.fid_samples) % data.num_classes
+    seeds = list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
+    rows = results.setdefault('rows', {})
+    runs = {r[0]: r for r in RUNS}
+    for key, run, stage, title in ROWS:
+        if key in rows:
+            continue
+        print(f'evaluating {title}', flush=True)
+        if run is None:
+            gen = lambda z, y: S.heun(teacher, z, y, cfg.heun_steps)
+            params, nfe, train_s, groups = count_params(teacher), 2 * cfg.heun_steps - 1, None, None
+        else:
+            msd = load_stage(cfg, runs[run], stage, teacher).to(device).eval()
+            gen, params, nfe, groups = msd, count_params(msd.students[0]), 1, msd.groups
+            train_s = run_seconds(cfg, run)
+        t0 = time.time()
+        images = S.generate(gen, seeds, labels, shape, device)
+        feats = inception.features(images, key)
+        acc, per_class = accuracy(clf, images, labels, device)
+        lat, ips = speed(gen, shape, data.num_classes, cfg.speed_batch if nfe == 1 else min(cfg.speed_batch, 256), device)
+        row = dict(title=title, fid=frechet(feats, ref), samples=cfg.fid_samples, ref=len(ref), params=params, nfe=nfe,
+                   accuracy=acc, per_class=per_class, latency_ms=lat, images_per_s=ips, train_s=train_s, eval_s=time.time() - t0)
+        if groups is not None and len(groups) > 1 or key == 'teacher':      # per-student FID (teacher: on K = 4's groups)
+            gs = groups if key != 'teacher' else load_msd(os.path.join(cfg.out, 'k4', 'msd.pt')).groups \
+                if os.path.exists(os.path.join(cfg.out, 'k4', 'msd.pt')) else None
+            if gs:
+                row['groups'] = gs
+                row['group_fid'] = [frechet(feats[torch.isin(labels, torch.tensor(g))], ref[torch.isin(ref_labels, torch.tensor(g))]) for g in gs]
+        if key in ('teacher', 'k1', 'k4', 'k4-half', 'k4-random'):
+            S.save_grid(S.class_grid(gen, data.num_classes, 10, teacher.cfg, device=device), os.path.join(cfg.out, 'grids', f'{key}.png'))
+        rows[key] = row
+        print(f'  FID {row["fid"]:.2f} ({cfg.fid_samples} vs {len(ref)}), accuracy {acc:.3f}, {lat:.2f} ms/image, {ips:.0f} img/s', flush=True)
+        save_results(cfg, results)
+    curve = results.setdefault('curve', {})                              # FID against generator iterations
+    for run in ('k1', 'k4'):
+        if not cfg.snapshot_every:
+            break
+        for stage, offset, steps in (('dm', 0, results['dm_steps']), ('adm', results['dm_steps'], results['adm_steps'])):
+            for s in range(cfg.snapshot_every, steps + 1, cfg.snapshot_every):
+                key = f'{run}:{offset + s}'
+                if key in curve or not os.path.exists(os.path.join(cfg.out, run, 'snapshots', f'{stage}-student0-step{s}.pt')):
+                    continue
+                msd = load_stage(cfg, runs[run], stage, teacher, s).to(device).eval()
+                n = cfg.plot_samples
+                imgs = S.generate(msd, list(range(10 ** 7, 10 ** 7 + n)), torch.arange(n) % data.num_classes, shape, device)
+                curve[key] = frechet(inception.features(imgs, key), ref)
+                save_results(cfg, results)
+
+
+def save_results(cfg, results):
+    path = os.path.join(cfg.out, 'results.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+def plot(curve, path, dm_steps, samples):
+    """FID against generator iterations, K = 1 vs K = 4, as a small PNG (PIL only)."""
+    W, H, m = 640, 400, 60
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    pts = {run: sorted((int(k.split(':')[1]), v) for k, v in curve.items() if k.startswith(run + ':')) for run in ('k1', 'k4')}
+    xs = [x for p in pts.values() for x, _ in p]
+    ys = [y for p in pts.values() for _, y in p]
+    if not xs:
+        return False
+    x0, x1, y0, y1 = 0, max(xs), 0, max(ys) * 1.05
+    X = lambda x: m + (W - 2 * m) * (x - x0) / max(x1 - x0, 1)
+    Y = lambda y: H - m - (H - 2 * m) * (y - y0) / max(y1 - y0, 1e-9)
+    d.line([(m, H - m), (W - m, H - m)], 'black'); d.line([(m, m), (m, H - m)], 'black')
+    for i in range(6):
+        yv, xv = y0 + (y1 - y0) * i / 5, x0 + (x1 - x0) * i / 5
+        d.text((5, Y(yv) - 6), f'{yv:.0f}', fill='black'); d.text((X(xv) - 10, H - m + 5), f'{xv:.0f}', fill='black')
+    d.line([(X(dm_steps), m), (X(dm_steps), H - m)], (180, 180, 180))
+    d.text((X(dm_steps) + 4, m), 'DM | ADM', fill='gray')
+    for run, color in (('k1', (200, 40, 40)), ('k4', (40, 80, 200))):
+        if len(pts[run]) > 1:
+            d.line([(X(x), Y(y)) for x, y in pts[run]], color, width=2)
+        for x, y in pts[run]:
+            d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], color)
+    d.text((W - m - 150, m), 'K = 1', fill=(200, 40, 40)); d.text((W - m - 150, m + 14), 'K = 4', fill=(40, 80, 200))
+    d.text((m, 10), f'FID ({samples} samples) against generator iterations', fill='black')
+    d.text((W // 2 - 60, H - 25), 'generator iterations', fill='black')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return True
+
+
+def verdicts(rows):
+    """One line per claim, computed from the table (the reading of why is written by hand below)."""
+    f = lambda k: rows[k]['fid'] if k in rows else float('nan')
+    out = []
+    best = min(('k4', 'k4-half', 'k4-random'), key=f)
+    out.append(f'(a) one-step MSD vs the 35-NFE teacher: best MSD row FID {f(best):.2f} vs teacher {f("teacher"):.2f}: '
+               + ('holds' if f(best) <= f('teacher') else 'does not hold'))
+    seq = [f('k1'), f('k2'), f('k4')]
+    out.append(f'(b) K = 1, 2, 4 (DM + ADM): {seq[0]:.2f}, {seq[1]:.2f}, {seq[2]:.2f}: '
+               + ('holds (monotone)' if seq[0] > seq[1] > seq[2] else 'holds for K = 1 vs 4 only' if seq[0] > seq[2] else 'does not hold'))
+    pairs = [(f(f'k{k}-dm'), f(f'k{k}')) for k in (1, 2, 4)]
+    n = sum(a > b for a, b in pairs)
+    out.append(f'(c) DM only -> DM + ADM: ' + ', '.join(f'K = {k}: {a:.2f} -> {b:.2f}' for k, (a, b) in zip((1, 2, 4), pairs))
+               + f': ADM lowers FID in {n} of 3')
+    if 'k4-half' in rows and 'k4' in rows:
+        h, s = rows['k4-half'], rows['k4']
+        out.append(f'(d) half-width students: {h["params"] / 1e6:.2f}M vs {s["params"] / 1e6:.2f}M parameters, '
+                   f'{h["images_per_s"] / s["images_per_s"]:.2f}x the images/s, FID {h["fid"]:.2f} vs {s["fid"]:.2f}')
+    out.append(f'(e) contiguous vs random partition (K = 4): {f("k4"):.2f} vs {f("k4-random"):.2f}: '
+               + ('holds' if f('k4') < f('k4-random') else 'does not hold'))
+    return out
+
+
+def report(cfg, results):
+    rows = results.get('rows', {})
+    if not rows:
+        raise ValueError(f'nothing to report: {cfg.out}/results.json has no evaluated rows (run --parts eval)')
+    plotted = plot(results.get('curve', {}), os.path.join(cfg.out, 'grids', 'fid_vs_iterations.png'),
+                   results.get('dm_steps', 0), cfg.plot_samples)
+    cmd = results.get('command', 'python experiments.py')
+    L = ['# RESULTS: MSD on Fashion-MNIST at small scale', '',
+         f'Made by `{cmd}` on {results.get("machine", "?")}. Every student was distilled from the committed teacher '
+         f'`{cfg.teacher}` with batch {results.get("batch")} per student, {results.get("dm_steps")} DM then '
+         f'{results.get("adm_steps")} ADM generator iterations (5 critic updates each), AdamW lr {results.get("lr")}; '
+         f'half-width students first ran {results.get("tsm_steps")} TSM steps. '
+         f'FID: torch-fidelity\'s Inception (2048 pool features) of N generated images (labels balanced over the classes) '
+         f'against the cached features of {next(iter(rows.values()))["ref"]} Fashion-MNIST training images. '
+         f'Accuracy: a small CNN classifier (`{cfg.classifier}`) on the same samples, against the label asked for.', '',
+         '| row | FID | samples | NFE | params / student | accuracy | latency (1 image) | images/s (batch) | training |',
+         '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for key, _, _, title in ROWS:
+        if key not in rows:
+            continue
+        r = rows[key]
+        tr = f'{r["train_s"] / 60:.1f} min' if r['train_s'] else 'checkpoints/fashion-teacher.md'
+        b = cfg.speed_batch if r['nfe'] == 1 else min(cfg.speed_batch, 256)
+        L.append(f'| {title} | {r["fid"]:.2f} | {r["samples"]} | {r["nfe"]} | {r["params"] / 1e6:.2f}M | {100 * r["accuracy"]:.1f}% '
+                 f'| {r["latency_ms"]:.1f} ms | {r["images_per_s"]:.0f} ({b}) | {tr} |')
+    L += ['', f'Training time: the summed wall time of the run\'s students (DM-only rows: the whole run, whose DM stage they are). '
+              f'{results.get("train_jobs", 1)} student processes trained at once on this machine, sharing it.', '']
+    if 'k4' in rows and 'group_fid' in rows['k4']:
+        L += ['## Per student (K = 4, contiguous)', '',
+              f'Each student\'s samples ({rows["k4"]["samples"] // 10} per class) against the real training images of its own classes; '
+              'the teacher\'s samples of the same classes for comparison. Accuracy: per class, of the classifier on those samples.', '',
+              '| student | classes | FID student | FID teacher | accuracy student | accuracy teacher |', '| --- | --- | ---: | ---: | ---: | ---: |']
+        t = rows.get('teacher', {})
+        for k, g in enumerate(rows['k4']['groups']):
+            acc = lambda r: ', '.join(f'{100 * r["per_class"][c]:.0f}%' for c in g) if r else '-'
+            tf = t['group_fid'][k] if 'group_fid' in t else float('nan')
+            L.append(f'| {k} | {g} | {rows["k4"]["group_fid"][k]:.2f} | {tf:.2f} | {acc(rows["k4"])} | {acc(t)} |')
+        L.append('')
+    L += ['## Claims', ''] + [f'- {v}' for v in verdicts(rows)] + ['']
+    if plotted:
+        L += [f'![FID against iterations]({cfg.out}/grids/fid_vs_iterations.png)', '']
+    L += ['Sample grids (row c: class c, same seeds in every grid): ' + ', '.join(
+        f'[{k}]({cfg.out}/grids/{k}.png)' for k in ('teacher', 'k1', 'k4', 'k4-random', 'k4-half') if k in rows), '']
+    if results.get('commands'):
+        L += ['Training commands (the script runs each with `--only_students k` per student, then once more to write msd.pt):', '']
+        L += [f'    python {c}' for c in results['commands'].values()] + ['']
+    marker = '<!-- reading: written by hand, kept when the script rewrites this file -->'
+    old = open(cfg.results).read() if os.path.exists(cfg.results) else ''
+    L += [marker + (old.split(marker, 1)[1] if marker in old else '\n')]
+    with open(cfg.results, 'w') as f:
+        f.write('\n'.join(L))
+    print(f'wrote {cfg.results}', flush=True)
+
+
+def main(cfg: GridConfig, argv):
+    parts = [p.strip() for p in cfg.parts.split(',') if p.strip()]
+    bad = [p for p in parts if p not in ('features', 'train', 'eval', 'report')]
+    if bad:
+        raise ValueError(f'unknown part {bad[0]!r}: choose from features, train, eval, report')
+    if ('train' in parts or 'eval' in parts) and not os.path.exists(cfg.teacher):
+        raise FileNotFoundError(f'no teacher at {cfg.teacher} (train one: python train.py --stages teacher)')
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, 'results.json')
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    results['command'] = results.get('command') or 'python experiments.py ' + ' '.join(argv)
+    device = torch.device('cuda' if cfg.device in ('auto', 'cuda') and torch.cuda.is_available() else 'cpu')
+    if cfg.device == 'cuda' and device.type != 'cuda':
+        raise ValueError('--device cuda but no CUDA device is visible')
+    if 'features' in parts:
+        reference(cfg, S.load_data(cfg.data), Inception(device))
+    if 'train' in parts:
+        train(cfg, results)
+        save_results(cfg, results)
+    if 'eval' in parts:
+        evaluate(cfg, results, device)
+    if 'report' in parts:
+        report(cfg, results)
+
+
+def cli(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    try:
+        main(cfg, argv)
+    except (ValueError, OSError, RuntimeError) as e:
+        if os.environ.get('MSD_DEBUG'):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    cli()
