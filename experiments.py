@@ -70,8 +70,8 @@ class GridConfig:
 
 PRESETS = {
     'cpu': GridConfig(),
-    'gpu': GridConfig(device='cuda', jobs=15, batch=64, tsm_steps=2000, dm_steps=600, adm_steps=400, snapshot_every=100,
-                      fid_samples=10000, fid_ref=60000, plot_samples=2000, speed_batch=1024),
+    'gpu': GridConfig(device='cuda', jobs=15, batch=64, tsm_steps=600, dm_steps=600, adm_steps=400,
+                      fid_samples=10000, fid_ref=60000, plot_samples=2000, speed_batch=1024, snapshot_every=50),
 }
 
 # (name, K, partition, width, stages): one training run each; 'dm only' rows reuse the DM stage of their run.
@@ -203,7 +203,8 @@ class Inception:
 def frechet(f1, f2):
     """FID between two feature sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (torch-fidelity's formula)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    return fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), False)['frechet_inception_distance']
+    s1, s2 = fid_features_to_statistics(f1.double()), fid_features_to_statistics(f2.double())
+    return fid_statistics_to_metric(s1, s2, False)['frechet_inception_distance']
 
 
 def reference(cfg, data, inception):
@@ -345,7 +346,11 @@ def evaluate(cfg, results, device):
             gen = lambda z, y: S.heun(teacher, z, y, cfg.heun_steps)
             params, nfe, train_s, groups = count_params(teacher), 2 * cfg.heun_steps - 1, None, None
         else:
-            msd = load_stage(cfg, runs[run], stage, teacher).to(device).eval()
+            try:
+                msd = load_stage(cfg, runs[run], stage, teacher).to(device).eval()
+            except FileNotFoundError as e:                      # that run did not finish: report the others
+                print(f'  skipped: {e}', flush=True)
+                continue
             gen, params, nfe, groups = msd, count_params(msd.students[0]), 1, msd.groups
             train_s = run_seconds(cfg, run)
         t0 = time.time()
@@ -370,8 +375,10 @@ def evaluate(cfg, results, device):
     for run in ('k1', 'k4'):
         if not cfg.snapshot_every:
             break
+        total = results['dm_steps'] + results['adm_steps']
+        every = cfg.snapshot_every * -(-total // (8 * cfg.snapshot_every))       # at most about 8 points per curve
         for stage, offset, steps in (('dm', 0, results['dm_steps']), ('adm', results['dm_steps'], results['adm_steps'])):
-            for s in range(cfg.snapshot_every, steps + 1, cfg.snapshot_every):
+            for s in range(every, steps + 1, every):
                 key = f'{run}:{offset + s}'
                 if key in curve or not os.path.exists(os.path.join(cfg.out, run, 'snapshots', f'{stage}-student0-step{s}.pt')):
                     continue

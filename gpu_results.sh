@@ -13,7 +13,7 @@
 set -u
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-TEACHER_S=${TEACHER_S:-140}; TRAIN_MIN=${TRAIN_MIN:-2.2}; DEADLINE=${DEADLINE:-570}; GRID_ARGS=${GRID_ARGS:-}
+TEACHER_S=${TEACHER_S:-140}; TRAIN_MIN=${TRAIN_MIN:-2.0}; DEADLINE=${DEADLINE:-570}; GRID_ARGS=${GRID_ARGS:-}
 DEV=${DEV:-cuda}
 export PYTHONUNBUFFERED=1 MSD_CACHE=${MSD_CACHE:-/tmp/msdcache} PYTHONPATH=$PWD/.devcache/site
 FM=/tmp/fm; mkdir -p $MSD_CACHE $FM runs
@@ -49,10 +49,10 @@ timeout $(( DEADLINE - 130 - $(el) )) python3 experiments.py --preset gpu --data
 pack
 echo "== [$(el) s] experiment grid: evaluation"
 timeout $(( DEADLINE - 25 - $(el) )) python3 experiments.py --preset gpu --data $FM --device $DEV --parts eval,report $GRID_ARGS
-python3 experiments.py --preset gpu --data $FM --parts report $GRID_ARGS
+python3 experiments.py --preset gpu --data $FM --device $DEV --parts report $GRID_ARGS
 pack
 echo "== [$(el) s] benchmark"
-timeout $(( DEADLINE - $(el) )) python3 sample.py --ckpt runs/grid/k4/msd.pt --teacher checkpoints/fashion-teacher.pt --bench --batch 1024 --device $DEV
+timeout $(( DEADLINE - $(el) )) python3 sample.py --ckpt runs/grid/k4/msd.pt --teacher checkpoints/fashion-teacher.pt --bench --scaling --batch 1024 --device $DEV
 pack
 if [ $(el) -lt $(( DEADLINE - 45 )) ]; then
 echo "== [$(el) s] imagenet64 preset: time of one full-size iteration at batch 40 per GPU, bf16 (random weights and images)"

@@ -332,7 +332,10 @@ def variants(st, shape, batch, device, compile_=False):
     if device.type == 'cuda':
         bf16 = lambda z, y: _bf16(st, z, y)
         out.append(('one student, bf16 autocast', bf16))
-        out.append(('one student, bf16 + CUDA graph', cuda_graph(bf16, (batch,) + tuple(shape), device)))
+        try:
+            out.append(('one student, bf16 + CUDA graph', cuda_graph(bf16, (batch,) + tuple(shape), device)))
+        except RuntimeError as e:                    # reported, not fatal: the other rows still get measured
+            print(f'  (CUDA graph capture failed: {str(e).splitlines()[0]})')
     if compile_:
         out.append(('one student, torch.compile', torch.compile(st)))
     return out
@@ -417,6 +420,29 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     return out
 
 
+def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):
+    """How one-step cost grows: with batch size (one student), with K (an MSD of K copies of student 0,
+    classes split contiguously, mixed labels, fixed batch) and with student width (random weights)."""
+    from student import Student, student_config
+    import partition as P
+    shape = (teacher.cfg.img_channels, teacher.cfg.img_resolution, teacher.cfg.img_resolution)
+    st, C = msd.students[0], msd.num_classes
+    print(f'scaling on {device}, median of {repeats} calls')
+    for b in (1, 16, 64, 256, 1024):
+        ips = images_per_second(st, shape, torch.zeros(b, dtype=torch.long, device=device), device, repeats)
+        print(f'  batch {b:5d}, one student: {ips:9.1f} img/s, {1000 * b / ips:8.2f} ms/batch')
+    labels = (torch.arange(batch) % C).to(device)
+    for k in sorted({1, 2, 4, min(8, C), C}):
+        m = MSD([st] * k, P.make_partition('contiguous', C, k), C).to(device).eval()
+        ips = images_per_second(m, shape, labels, device, repeats)
+        print(f'  K = {k:2d} students, batch {batch}, mixed labels: {ips:9.1f} img/s ({k} sub-batches of ~{batch / k:.1f})')
+    for w in (1.0, 0.76, 0.5, 0.3):
+        s = Student(student_config(teacher.cfg, w)).to(device).eval()
+        ips = images_per_second(s, shape, torch.zeros(batch, dtype=torch.long, device=device), device, repeats)
+        print(f'  width {w:4.2f} ({s.net.cfg.model_channels:3d} ch, {sum(p.numel() for p in s.parameters()) / 1e6:5.2f}M params), '
+              f'batch {batch}: {ips:9.1f} img/s')
+
+
 def parse_range(s):
     """'0-3,7' -> [0, 1, 2, 3, 7]."""
     out = []
@@ -441,6 +467,7 @@ def main(argv=None):
     ap.add_argument('--teacher', default='', help='teacher for --bench (default: the one recorded in the MSD checkpoint)')
     ap.add_argument('--batch', type=int, default=64, help='batch size for --bench (default 64)')
     ap.add_argument('--repeats', type=int, default=10, help='timed calls per one-step generator in --bench, median taken (default 10)')
+    ap.add_argument('--scaling', action='store_true', help='--bench also prints how cost grows with batch size, K and width')
     ap.add_argument('--compile', action='store_true', help='--bench also measures one student under torch.compile (compiles first)')
     ap.add_argument('--heun_steps', type=int, default=18, help='teacher Heun steps N, 2N-1 NFE (default 18 -> 35)')
     ap.add_argument('--device', default='auto', help='auto, cpu or cuda')
@@ -482,7 +509,10 @@ def main(argv=None):
         tpath = args.teacher or ckpt.get('teacher', '')
         if not tpath or not os.path.exists(tpath):
             raise FileNotFoundError(f'--bench needs the teacher: give --teacher (recorded path {tpath!r} not found)')
-        bench(gen, load_teacher(tpath).to(device), args.batch, args.heun_steps, device, repeats=args.repeats, compile_=args.compile)
+        teacher = load_teacher(tpath).to(device)
+        bench(gen, teacher, args.batch, args.heun_steps, device, repeats=args.repeats, compile_=args.compile)
+        if args.scaling:
+            scaling(gen, teacher, args.batch, device)
         metrics = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'metrics.jsonl')
         if os.path.exists(metrics):              # the run's training throughput, as train.py logged it
             with open(metrics) as f:
