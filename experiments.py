@@ -69,7 +69,7 @@ class GridConfig:
 
 
 PRESETS = {
-    'cpu': GridConfig(),
+    'cpu': GridConfig(jobs=2, dm_steps=50, adm_steps=25, tsm_steps=100, snapshot_every=25, fid_ref=1000, plot_samples=200),
     'gpu': GridConfig(device='cuda', jobs=15, batch=64, tsm_steps=600, dm_steps=600, adm_steps=400,
                       fid_samples=10000, fid_ref=60000, plot_samples=2000, speed_batch=1024, snapshot_every=50),
 }

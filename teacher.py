@@ -443,7 +443,8 @@ def is_pickle_file(path):
 
 
 def teacher_checkpoint(net: EDMPrecond, **extra) -> dict:
-    return dict(kind='teacher', net=asdict(net.cfg), state_dict=net.state_dict(), **extra)
+    """A plain teacher checkpoint; tensors on the CPU, so a plain torch.load works on any machine."""
+    return dict(kind='teacher', net=asdict(net.cfg), state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()}, **extra)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -751,3 +751,38 @@ def test_only_students_in_separate_processes_then_msd(tmp_path):
     msd = load_msd(os.path.join(out, 'msd.pt'))
     final = torch.load(os.path.join(out, 'snapshots', 'dm-student1-step2.pt'), weights_only=True)['state_dict']
     assert all(torch.equal(final[k], v) for k, v in msd.students[1].state_dict().items())
+
+
+def test_imagenet64_iteration_flops():
+    """FLOPs of one ADM iteration of the imagenet64 preset (5 critic + 1 generator update, batch 40), on
+    meta tensors: the README's time estimate rests on these numbers (forward 219 GFLOP per image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import train
+    cfg = train.PRESETS['imagenet64']
+    data = S.ImageData(torch.zeros(1, dtype=torch.long), 1000, (3, 64, 64), images=torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    B = cfg.batch
+
+    def count(fn):
+        c = FlopCounterMode(display=False)
+        with c:
+            fn()
+        return c.get_total_flops()
+    with torch.device('meta'):
+        teacher = build_net(train.net_config(cfg, data)).eval().requires_grad_(False)
+        G, fake, grid = Student(teacher.cfg), FakeScore(teacher), L.sigma_grid(1000)
+        z, y = torch.randn(B, 3, 64, 64), torch.randint(1000, (B,))
+
+        def critic():
+            with torch.no_grad():
+                x = G(z, y)
+            (L.fake_score_loss(fake, x, y, grid).mean() + L.gan_critic_loss(fake.critic, z, y, x, y, grid).mean()).backward()
+
+        def generator():
+            fake.requires_grad_(False)
+            x = G(z, y)
+            (L.dm_loss(teacher, fake, x, y, grid).mean() + L.gan_generator_loss(fake.critic, x, y, grid).mean()).backward()
+        fwd, c, g = count(lambda: teacher(z, torch.ones(B), y)), count(critic), count(generator)
+    print(f'forward {fwd / B / 1e9:.1f} GFLOP/image; critic update {c / 1e12:.1f} TFLOP, generator update {g / 1e12:.1f} TFLOP, '
+          f'ADM iteration {(cfg.ratio * c + g) / 1e12:.0f} TFLOP at batch {B}')
+    assert 215e9 < fwd / B < 225e9
+    assert 290e12 < cfg.ratio * c + g < 300e12
