@@ -47,6 +47,7 @@ def opt(default, help):
 class GridConfig:
     out: str = opt('runs/grid', 'folder for the runs, results.json, grids and the plot')
     results: str = opt('RESULTS.md', 'the report to write')
+    figures: str = opt('results', 'folder (committed) the report copies its grids and plot into')
     teacher: str = opt('checkpoints/fashion-teacher.pt', 'the teacher every row distils')
     classifier: str = opt('checkpoints/fashion-classifier.pt', 'Fashion-MNIST classifier (trained here if missing)')
     data: str = opt('', f'Fashion-MNIST IDX folder (default {S.FASHION_DIR})')
@@ -458,8 +459,14 @@ def report(cfg, results):
     rows = results.get('rows', {})
     if not rows:
         raise ValueError(f'nothing to report: {cfg.out}/results.json has no evaluated rows (run --parts eval)')
-    plotted = plot(results.get('curve', {}), os.path.join(cfg.out, 'grids', 'fid_vs_iterations.png'),
+    import shutil
+    os.makedirs(cfg.figures, exist_ok=True)
+    plotted = plot(results.get('curve', {}), os.path.join(cfg.figures, 'fid_vs_iterations.png'),
                    results.get('dm_steps', 0), cfg.plot_samples)
+    for k in rows:
+        if os.path.exists(os.path.join(cfg.out, 'grids', f'{k}.png')):
+            shutil.copy(os.path.join(cfg.out, 'grids', f'{k}.png'), os.path.join(cfg.figures, f'grid-{k}.png'))
+    rel = os.path.relpath(cfg.figures, os.path.dirname(os.path.abspath(cfg.results)))
     cmd = results.get('command', 'python experiments.py')
     L = ['# RESULTS: MSD on Fashion-MNIST at small scale', '',
          f'Made by `{cmd}` on {results.get("machine", "?")}. Every student was distilled from the committed teacher '
@@ -494,9 +501,9 @@ def report(cfg, results):
         L.append('')
     L += ['## Claims', ''] + [f'- {v}' for v in verdicts(rows)] + ['']
     if plotted:
-        L += [f'![FID against iterations]({cfg.out}/grids/fid_vs_iterations.png)', '']
-    L += ['Sample grids (row c: class c, same seeds in every grid): ' + ', '.join(
-        f'[{k}]({cfg.out}/grids/{k}.png)' for k in ('teacher', 'k1', 'k4', 'k4-random', 'k4-half') if k in rows), '']
+        L += [f'![FID against iterations]({rel}/fid_vs_iterations.png)', '']
+    L += ['Sample grids (row c: class c, seeds 0-9 in every grid):', '', '| generator | samples |', '| --- | --- |']
+    L += [f'| {rows[k]["title"]} | ![{k}]({rel}/grid-{k}.png) |' for k in ('teacher', 'k1', 'k4', 'k4-random', 'k4-half') if k in rows] + ['']
     if results.get('commands'):
         L += ['Training commands (the script runs each with `--only_students k` per student, then once more to write msd.pt):', '']
         L += [f'    python {c}' for c in results['commands'].values()] + ['']

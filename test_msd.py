@@ -719,7 +719,7 @@ def test_frechet_distance_closed_forms():
 
 def test_report_tables_verdicts_and_plot(tmp_path):
     import experiments as E
-    cfg = E.GridConfig(out=str(tmp_path), results=str(tmp_path / 'RESULTS.md'))
+    cfg = E.GridConfig(out=str(tmp_path), results=str(tmp_path / 'RESULTS.md'), figures=str(tmp_path / 'fig'))
     row = lambda fid, params=1e6, ips=100.0: dict(title='', fid=fid, samples=100, ref=1000, params=params, nfe=1, accuracy=0.9,
                                                  per_class=[0.9] * 10, latency_ms=1.0, images_per_s=ips, train_s=60.0,
                                                  groups=[[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]], group_fid=[1, 2, 3, 4])
@@ -733,7 +733,7 @@ def test_report_tables_verdicts_and_plot(tmp_path):
     assert text.count('\n| K = ') == 8 and '| EDM teacher, Heun 35 NFE | 10.00 |' in text and text.rstrip().endswith('my reading')
     assert 'best MSD row FID 20.00 vs teacher 10.00: does not hold' in text and 'holds (monotone)' in text
     assert 'ADM lowers FID in 3 of 3' in text and '20.00 vs 22.00: holds' in text and '2.50x the images/s' in text
-    assert Image.open(tmp_path / 'grids' / 'fid_vs_iterations.png').size == (640, 400)
+    assert Image.open(tmp_path / 'fig' / 'fid_vs_iterations.png').size == (640, 400) and '](fig/fid_vs_iterations.png)' in text
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
