@@ -38,8 +38,8 @@ def sigma_grid(n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
 def sample_grid_sigma(n, grid, lo=0.0, hi=1.0, device='cpu'):
     """Uniform grid index in [lo * len, hi * len] (DMD2: 20..980 of 1000), clipped to the grid; sigma for
     each of n samples, shaped [n,1,1,1]."""
-    idx = torch.randint(int(lo * len(grid)), min(int(hi * len(grid)) + 1, len(grid)), (n,))
-    return grid[idx].to(device).reshape(-1, 1, 1, 1)
+    idx = torch.randint(int(lo * len(grid)), min(int(hi * len(grid)) + 1, len(grid)), (n,), device=grid.device)
+    return grid[idx].to(device).reshape(-1, 1, 1, 1)                 # drawn where the grid lives: no copy
 
 
 def per_sample_mean(x):

@@ -2,8 +2,9 @@
 
     MSD(z, y) = G_{k(y)}(z, y),   k(y) = the student that owns class y          (MSD sec. 3.1, Fig. 2)
 
-Each label is routed to its student by a table lookup; every student runs once, on the sub-batch
-of labels it owns, and the images come back in input order. One image still costs one network
+Each label is routed to its student by a table lookup; the batch is sorted by student, every
+student runs once on the contiguous sub-batch of labels it owns, and the images come back in input
+order. One image still costs one network
 evaluation (of a student that may be smaller than the teacher).
 
 A checkpoint is one file holding the partition, every student's NetConfig and state_dict, and the
@@ -34,14 +35,25 @@ class MSD(nn.Module):
         """labels [N] (ints) -> student index [N]."""
         return P.lookup(self.student_of, labels)
 
-    def forward(self, z, labels):
-        """One network evaluation per image: x[i] = G_{k(labels[i])}(z[i], labels[i])."""
+    def sizes(self, labels):
+        """How many of these labels each student owns (K ints). Checks the labels; one host sync."""
         owner = self.route(labels)
+        return (owner[:, None] == torch.arange(len(self.students), device=owner.device)).sum(0).tolist()
+
+    def forward(self, z, labels, sizes=None):
+        """One network evaluation per image: x[i] = G_{k(labels[i])}(z[i], labels[i]).
+
+        The batch is sorted by student (a stable sort keeps input order within a student), each
+        student runs once on its contiguous slice, and the images are scattered back to input order.
+        `sizes` (from self.sizes(labels)) may be given to skip the host sync, e.g. inside a CUDA graph
+        captured for one label mix."""
+        if sizes is None:
+            sizes = self.sizes(labels)
+        order = self.student_of[labels].argsort(stable=True)
+        zs, ys = z[order].split(sizes), labels[order].split(sizes)
         out = torch.empty_like(z)
-        for k, student in enumerate(self.students):
-            idx = (owner == k).nonzero().squeeze(1)
-            if idx.numel():
-                out[idx] = student(z[idx], labels[idx]).to(out.dtype)
+        if len(labels):
+            out[order] = torch.cat([G(zk, yk).to(z.dtype) for G, zk, yk in zip(self.students, zs, ys)])
         return out
 
 

@@ -118,8 +118,10 @@ def routing_table(groups, num_classes):
 def lookup(table, labels):
     """Student index of each label through a routing table; labels outside the classes are refused."""
     labels = torch.as_tensor(labels, dtype=torch.long, device=table.device)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= len(table)):
-        raise ValueError(f'labels must lie in 0..{len(table) - 1}, got {labels.min().item()}..{labels.max().item()}')
+    if labels.numel():
+        lo, hi = torch.stack([labels.min(), labels.max()]).tolist()          # one host sync
+        if lo < 0 or hi >= len(table):
+            raise ValueError(f'labels must lie in 0..{len(table) - 1}, got {lo}..{hi}')
     return table[labels]
 
 

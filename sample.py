@@ -313,6 +313,24 @@ def images_per_second(gen, shape, labels, device, repeats=3):
     return len(labels) / float(np.median(times))
 
 
+def paired_overhead(a, ya, b, yb, shape, device, pairs=10):
+    """Relative cost of b against a, measured as `pairs` alternating calls a, b, a, b, ... on the same
+    noise: 1 - median_i(t_a,i / t_b,i). Both sides of each pair see the same machine state, so slow
+    drifts and disturbances that hit one block of calls cancel (a shared CPU varies 10-30% per call)."""
+    z = torch.randn((len(ya),) + tuple(shape), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
+    def timed(gen, y):
+        t0 = time.perf_counter()
+        gen(z, y)
+        sync()
+        return time.perf_counter() - t0
+    with torch.no_grad():
+        timed(a, ya), timed(b, yb)                       # warm-up
+        ratios = [timed(a, ya) / timed(b, yb) for _ in range(pairs)]
+    return 1 - float(np.median(ratios))
+
+
 def forward_flops(net, shape, device):
     """FLOPs of one network forward for one image (torch's FLOP counter: 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -346,11 +364,12 @@ def _bf16(net, z, y):
         return net(z, y).float()
 
 
-def cuda_graph(gen, z_shape, device):
+def cuda_graph(gen, z_shape, device, labels=None):
     """gen captured as a CUDA graph for a fixed batch: a call copies z and labels into the graph's
-    static inputs and replays it (the returned tensor is overwritten by the next call)."""
+    static inputs and replays it (the returned tensor is overwritten by the next call). `labels`
+    are the example labels used for warm-up and capture (default: all zeros)."""
     z = torch.randn(z_shape, device=device)
-    y = torch.zeros(z_shape[0], dtype=torch.long, device=device)
+    y = torch.zeros(z_shape[0], dtype=torch.long, device=device) if labels is None else labels.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
@@ -366,6 +385,51 @@ def cuda_graph(gen, z_shape, device):
         graph.replay()
         return out
     return run
+
+
+class GraphedMSD:
+    """The routed MSD generator as CUDA graphs, one per batch shape and label mix: the per-student
+    sub-batch sizes are read on the host (one sync), and the sort, the K students' bf16 forwards and
+    the scatter back are replayed as one graph. This removes the per-student Python and launch cost
+    that dominates a small network on a GPU (README, BENCHMARKS). `forward(z, y, sizes)` defaults to
+    MSD.forward; StackedMSD's runs the K students as one batched network instead."""
+
+    def __init__(self, msd: MSD, forward=None):
+        self.msd, self.forward, self.graphs = msd, forward or msd.forward, {}
+
+    def __call__(self, z, labels):
+        sizes = self.msd.sizes(labels)
+        key = (tuple(z.shape), tuple(sizes))
+        if key not in self.graphs:
+            fwd = lambda zz, yy: _bf16(lambda a, b: self.forward(a, b, sizes=sizes), zz, yy)
+            self.graphs[key] = cuda_graph(fwd, tuple(z.shape), z.device, labels)
+        return self.graphs[key](z, labels)
+
+
+class StackedMSD:
+    """K students of one architecture as one batched network: their weights stacked along a new
+    first dimension and the network vmapped over it (torch.func), so every layer runs once for all
+    students (a convolution becomes one grouped convolution). The batch is laid out as [K, n, ...]
+    with n = the largest sub-batch; shorter sub-batches are padded, which costs K n - N wasted images."""
+
+    def __init__(self, msd: MSD):
+        import copy
+        from torch.func import functional_call, stack_module_state
+        self.msd = msd
+        self.params, self.buffers = stack_module_state(list(msd.students))
+        base = copy.deepcopy(msd.students[0]).to('meta')
+        self.net = torch.vmap(lambda p, b, z, y: functional_call(base, (p, b), (z, y)))
+
+    def __call__(self, z, labels, sizes=None):
+        K = len(self.msd.students)
+        n = max(sizes or self.msd.sizes(labels))
+        owner = self.msd.student_of[labels]
+        member = owner[:, None] == torch.arange(K, device=z.device)             # [N, K] one-hot, no sync
+        slot = (member.cumsum(0) - 1).gather(1, owner[:, None]).squeeze(1)      # rank of each image in its student
+        zK = z.new_zeros((K, n) + tuple(z.shape[1:]))
+        yK = labels.new_zeros(K, n) + torch.tensor([g[0] for g in self.msd.groups], device=z.device)[:, None]
+        zK[owner, slot], yK[owner, slot] = z, labels
+        return self.net(self.params, self.buffers, zK, yK)[owner, slot].to(z.dtype)
 
 
 def matmul_tflops(device, n=8192, repeats=10):
@@ -396,6 +460,17 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
             ('one student (1 NFE)', st0, own, repeats, st0.net.model),
             (f'MSD, {len(msd.students)} students, mixed labels', msd, labels, repeats, None)]
     rows += [(name, gen, own, repeats, st0.net.model) for name, gen in variants(st0, shape, batch, device, compile_)]
+    graph_one = dict((r[0], r[1]) for r in rows).get('one student, bf16 + CUDA graph')
+    K = len(msd.students)
+    graphed = []
+    if graph_one is not None:                         # captures on this device: the routed generator too
+        graphed.append(('bf16 + CUDA graph', f'MSD, {K} students, mixed labels, bf16 + CUDA graph', GraphedMSD(msd)))
+        if len({st.net.cfg for st in msd.students}) == 1:
+            stacked = StackedMSD(msd)
+            rows.append((f'MSD, {K} students stacked (vmap), mixed labels, bf16', lambda z, y: _bf16(stacked, z, y), labels, repeats, None))
+            graphed.append(('stacked, bf16 + CUDA graph', f'MSD, {K} students stacked (vmap), mixed labels, bf16 + CUDA graph',
+                            GraphedMSD(msd, stacked)))
+    rows += [(name, gen, labels, repeats, None) for _, name, gen in graphed]
     for w in widths:
         st = Student(student_config(teacher.cfg, w)).to(device).eval()
         rows.append((f'student at width {w} ({st.net.cfg.model_channels} ch, random weights)', st, own, repeats, st.net.model))
@@ -416,7 +491,15 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
               + (f' | {flops / 1e9:.3f} GFLOP/forward' if flops else '') + mem + frac, flush=True)
     t, one, m = out[rows[0][0]], out[rows[1][0]], out[rows[2][0]]
     print(f'  ratios: one student / teacher {one / t:.1f}x (ideal {nfe}x) | MSD / teacher {m / t:.1f}x | '
-          f'MSD / one student {m / one:.2f} (routing overhead {100 * (1 - m / one):+.1f}%)')
+          f'MSD / one student {m / one:.2f} (from the rows above)')
+    # The routing overhead itself, from alternating calls (robust to a noisy machine; see paired_overhead).
+    pairs = [('eager', st0, rows[2][1])]
+    pairs += [(how, graph_one, gen) for how, _, gen in graphed]
+    for how, a, b in pairs:
+        over = paired_overhead(a, own, b, labels, shape, device, max(repeats, 10))
+        out[f'routing overhead, {how}'] = over
+        print(f'  routing overhead, {how}: MSD with mixed labels costs {100 * over:+.1f}% against one student '
+              f'(median of {max(repeats, 10)} alternating pairs; bound 10%: {"holds" if over <= 0.10 else "EXCEEDED"})')
     return out
 
 

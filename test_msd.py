@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -226,6 +227,24 @@ def test_routing_each_student_sees_only_its_labels_and_order_is_kept():
         assert set(st.seen) <= set(groups[k]) and len(st.seen) == int((owner == k).sum())
     with pytest.raises(ValueError):
         msd(torch.randn(1, 1, 8, 8), torch.tensor([6]))
+
+
+def test_routed_batch_equals_each_image_from_its_own_student():
+    """MSD(z, y)[i] = G_{k(y_i)}(z_i, y_i), image by image (the sort and scatter lose nothing), also
+    with the sizes given (the CUDA-graph path), for an empty batch, and with the students stacked."""
+    teacher = randomize(build_net(TINY)).eval()
+    groups = P.make_partition('random', 6, 3, seed=2)
+    msd = MSD([randomize(Student.from_teacher(teacher), seed=k) for k in range(3)], groups, 6).eval()
+    z, y = torch.randn(9, 1, 8, 8), torch.tensor([5, 0, 3, 3, 1, 4, 2, 0, 5])
+    owner = P.route(y, groups, 6)
+    ref = torch.cat([msd.students[owner[i]](z[i:i + 1], y[i:i + 1]) for i in range(9)])
+    torch.testing.assert_close(msd(z, y), ref)
+    sizes = msd.sizes(y)
+    assert sizes == [int((owner == k).sum()) for k in range(3)]
+    torch.testing.assert_close(msd(z, y, sizes=sizes), ref)
+    assert msd(z[:0], y[:0]).shape == (0, 1, 8, 8)
+    with torch.no_grad():                                  # the bench's batched variant: one vmapped network
+        torch.testing.assert_close(S.StackedMSD(msd)(z, y), ref)
 
 
 # ---------------------------------------------------------------- students and checkpoints
@@ -684,8 +703,17 @@ def test_bench_reports_every_generator(capsys):
     teacher = randomize(build_net(TINY)).eval()
     msd = MSD([Student.from_teacher(teacher) for _ in range(2)], [[0, 1, 2], [3, 4, 5]], 6).eval()
     out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=1)
-    assert len(out) == 5 and all(v > 0 for v in out.values())
-    assert 'routing overhead' in capsys.readouterr().out
+    speeds = {k: v for k, v in out.items() if not k.startswith('routing overhead')}
+    assert len(speeds) == 5 and all(v > 0 for v in speeds.values())
+    assert -1 < out['routing overhead, eager'] < 1
+    assert 'routing overhead, eager: MSD with mixed labels costs' in capsys.readouterr().out
+
+
+def test_paired_overhead_of_a_generator_twice_as_slow_is_one_half():
+    def gen(seconds):
+        return lambda z, y: time.sleep(seconds)
+    over = S.paired_overhead(gen(0.01), torch.zeros(2), gen(0.02), torch.zeros(2), (1, 2, 2), torch.device('cpu'), pairs=5)
+    assert 0.4 < over < 0.6                               # 1 - t_a / t_b = 1 - 0.01 / 0.02
 
 
 @pytest.mark.parametrize('width', [0.9, 0.76, 0.67, 0.5, 0.3])
