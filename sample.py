@@ -419,6 +419,7 @@ class StackedMSD:
         self.params, self.buffers = stack_module_state(list(msd.students))
         base = copy.deepcopy(msd.students[0]).to('meta')
         self.net = torch.vmap(lambda p, b, z, y: functional_call(base, (p, b), (z, y)))
+        self.pad = torch.tensor([g[0] for g in msd.groups], device=msd.student_of.device)[:, None]   # a label each owns
 
     def __call__(self, z, labels, sizes=None):
         K = len(self.msd.students)
@@ -427,7 +428,7 @@ class StackedMSD:
         member = owner[:, None] == torch.arange(K, device=z.device)             # [N, K] one-hot, no sync
         slot = (member.cumsum(0) - 1).gather(1, owner[:, None]).squeeze(1)      # rank of each image in its student
         zK = z.new_zeros((K, n) + tuple(z.shape[1:]))
-        yK = labels.new_zeros(K, n) + torch.tensor([g[0] for g in self.msd.groups], device=z.device)[:, None]
+        yK = self.pad.expand(K, n).clone()
         zK[owner, slot], yK[owner, slot] = z, labels
         return self.net(self.params, self.buffers, zK, yK)[owner, slot].to(z.dtype)
 
@@ -482,7 +483,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
         ips = images_per_second(gen, shape, y, device, reps)
-        params = sum(p.numel() for p in (net.parameters() if net is not None else gen.parameters())) / (1 if net is not None else len(msd.students))
+        params = sum(p.numel() for p in (net or msd).parameters()) / (1 if net is not None else len(msd.students))
         flops = forward_flops(lambda x, l: net(x, torch.ones(1, device=device), torch.nn.functional.one_hot(l, teacher.label_dim).float()), shape, device) if net is not None else None
         mem = f' | peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else ''
         frac = f' | {100 * flops * ips * (nfe if name.startswith("teacher") else 1) / (peak * 1e12):.2f}% of bf16 peak' if peak and flops else ''
