@@ -519,7 +519,8 @@ def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):
     for k in sorted({1, 2, 4, min(8, C), C}):
         m = MSD([st] * k, P.make_partition('contiguous', C, k), C).to(device).eval()
         ips = images_per_second(m, shape, labels, device, repeats)
-        print(f'  K = {k:2d} students, batch {batch}, mixed labels: {ips:9.1f} img/s ({k} sub-batches of ~{batch / k:.1f})')
+        graphed = f' | bf16 + CUDA graph: {images_per_second(GraphedMSD(m), shape, labels, device, repeats):9.1f} img/s' if device.type == 'cuda' else ''
+        print(f'  K = {k:2d} students, batch {batch}, mixed labels: {ips:9.1f} img/s ({k} sub-batches of ~{batch / k:.1f}){graphed}')
     for w in (1.0, 0.76, 0.5, 0.3):
         s = Student(student_config(teacher.cfg, w)).to(device).eval()
         ips = images_per_second(s, shape, torch.zeros(batch, dtype=torch.long, device=device), device, repeats)
