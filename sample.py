@@ -466,7 +466,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     graphed = []
     if graph_one is not None:                         # captures on this device: the routed generator too
         graphed.append(('bf16 + CUDA graph', f'MSD, {K} students, mixed labels, bf16 + CUDA graph', GraphedMSD(msd)))
-        if len({st.net.cfg for st in msd.students}) == 1:
+        if all(st.net.cfg == st0.net.cfg for st in msd.students):
             stacked = StackedMSD(msd)
             rows.append((f'MSD, {K} students stacked (vmap), mixed labels, bf16', lambda z, y: _bf16(stacked, z, y), labels, repeats, None))
             graphed.append(('stacked, bf16 + CUDA graph', f'MSD, {K} students stacked (vmap), mixed labels, bf16 + CUDA graph',
