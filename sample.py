@@ -482,7 +482,11 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     for name, gen, y, reps, net in rows:
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
-        ips = images_per_second(gen, shape, y, device, reps)
+        try:
+            ips = images_per_second(gen, shape, y, device, reps)
+        except RuntimeError as e:                   # e.g. a capture that fails on this device: reported, not fatal
+            print(f'  {name:55s} failed: {str(e).splitlines()[0][:200]}', flush=True)
+            continue
         params = sum(p.numel() for p in (net or msd).parameters()) / (1 if net is not None else len(msd.students))
         flops = forward_flops(lambda x, l: net(x, torch.ones(1, device=device), torch.nn.functional.one_hot(l, teacher.label_dim).float()), shape, device) if net is not None else None
         mem = f' | peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else ''
@@ -495,7 +499,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
           f'MSD / one student {m / one:.2f} (from the rows above)')
     # The routing overhead itself, from alternating calls (robust to a noisy machine; see paired_overhead).
     pairs = [('eager', st0, rows[2][1])]
-    pairs += [(how, graph_one, gen) for how, _, gen in graphed]
+    pairs += [(how, graph_one, gen) for how, name, gen in graphed if name in out]
     for how, a, b in pairs:
         over = paired_overhead(a, own, b, labels, shape, device, max(repeats, 10))
         out[f'routing overhead, {how}'] = over
