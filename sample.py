@@ -355,7 +355,14 @@ def variants(st, shape, batch, device, compile_=False):
         except RuntimeError as e:                    # reported, not fatal: the other rows still get measured
             print(f'  (CUDA graph capture failed: {str(e).splitlines()[0]})')
     if compile_:
-        out.append(('one student, torch.compile', torch.compile(st)))
+        compiled = torch.compile(st)
+        out.append(('one student, torch.compile', compiled))
+        if device.type == 'cuda':
+            try:
+                out.append(('one student, torch.compile + bf16 + CUDA graph',
+                            cuda_graph(lambda z, y: _bf16(compiled, z, y), (batch,) + tuple(shape), device)))
+            except RuntimeError as e:
+                print(f'  (CUDA graph capture of the compiled student failed: {str(e).splitlines()[0]})')
     return out
 
 
@@ -461,17 +468,24 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
             ('one student (1 NFE)', st0, own, repeats, st0.net.model),
             (f'MSD, {len(msd.students)} students, mixed labels', msd, labels, repeats, None)]
     rows += [(name, gen, own, repeats, st0.net.model) for name, gen in variants(st0, shape, batch, device, compile_)]
-    graph_one = dict((r[0], r[1]) for r in rows).get('one student, bf16 + CUDA graph')
-    K = len(msd.students)
-    graphed = []
+    one = dict((r[0], r[1]) for r in rows)
+    graph_one, K = one.get('one student, bf16 + CUDA graph'), len(msd.students)
+    graphed = []                                      # (how, row name, MSD generator, the one-student row it is paired with)
     if graph_one is not None:                         # captures on this device: the routed generator too
-        graphed.append(('bf16 + CUDA graph', f'MSD, {K} students, mixed labels, bf16 + CUDA graph', GraphedMSD(msd)))
+        graphed.append(('bf16 + CUDA graph', f'MSD, {K} students, mixed labels, bf16 + CUDA graph', GraphedMSD(msd), graph_one))
         if all(st.net.cfg == st0.net.cfg for st in msd.students):
             stacked = StackedMSD(msd)
             rows.append((f'MSD, {K} students stacked (vmap), mixed labels, bf16', lambda z, y: _bf16(stacked, z, y), labels, repeats, None))
             graphed.append(('stacked, bf16 + CUDA graph', f'MSD, {K} students stacked (vmap), mixed labels, bf16 + CUDA graph',
-                            GraphedMSD(msd, stacked)))
-    rows += [(name, gen, labels, repeats, None) for _, name, gen in graphed]
+                            GraphedMSD(msd, stacked), graph_one))
+        if 'one student, torch.compile + bf16 + CUDA graph' in one:
+            import copy
+            compiled = copy.deepcopy(msd)
+            for st in compiled.students:
+                st.compile()
+            graphed.append(('torch.compile + bf16 + CUDA graph', f'MSD, {K} compiled students, mixed labels, bf16 + CUDA graph',
+                            GraphedMSD(compiled), one['one student, torch.compile + bf16 + CUDA graph']))
+    rows += [(name, gen, labels, repeats, None) for _, name, gen, _ in graphed]
     for w in widths:
         st = Student(student_config(teacher.cfg, w)).to(device).eval()
         rows.append((f'student at width {w} ({st.net.cfg.model_channels} ch, random weights)', st, own, repeats, st.net.model))
@@ -499,7 +513,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
           f'MSD / one student {m / one:.2f} (from the rows above)')
     # The routing overhead itself, from alternating calls (robust to a noisy machine; see paired_overhead).
     pairs = [('eager', st0, rows[2][1])]
-    pairs += [(how, graph_one, gen) for how, name, gen in graphed if name in out]
+    pairs += [(how, base, gen) for how, name, gen, base in graphed if name in out]
     for how, a, b in pairs:
         over = paired_overhead(a, own, b, labels, shape, device, max(repeats, 10))
         out[f'routing overhead, {how}'] = over

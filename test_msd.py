@@ -317,11 +317,11 @@ def run_cli(args, torchrun=0, timeout=170):
 
 
 TINY_RUN = ['--preset', 'smoke', '--teacher_steps', '4', '--tsm_steps', '2', '--dm_steps', '2', '--adm_steps', '1',
-            '--regression_pairs', '4', '--heun_steps', '2']
+            '--regression_pairs', '4', '--heun_steps', '2', '--batch', '4', '--teacher_batch', '8']
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
-def test_every_stage_then_sample_and_resume(tmp_path):
+def test_every_stage_then_sample_and_resume_and_profile(tmp_path, capsys):
     import train
     out = str(tmp_path / 'run')
     train.main(train.parse_args(TINY_RUN + ['--out', out, '--students', '3']))
@@ -341,6 +341,17 @@ def test_every_stage_then_sample_and_resume(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     S.main(['--ckpt', os.path.join(out, 'msd.pt'), '--grid', str(tmp_path / 'g.png'), '--per_class', '2'])
     assert Image.open(tmp_path / 'g.png').size == (2 * 30 + 2, 10 * 30 + 2)
+    # --profile N: iterations/s of DM and ADM, the busiest operations and Chrome traces; trains nothing.
+    capsys.readouterr()
+    prof = str(tmp_path / 'prof')
+    train.main(train.parse_args(TINY_RUN + ['--out', prof, '--teacher', os.path.join(out, 'teacher.pt'), '--stages', 'dm,adm',
+                                            '--profile', '1', '--ratio', '1']))
+    text = capsys.readouterr().out
+    for stage in ('dm', 'adm'):
+        assert f'\n{stage}: ' in text and 'convolution' in text
+        with open(os.path.join(prof, f'profile-{stage}.json')) as f:
+            assert json.load(f)['traceEvents']
+    assert 'iterations/s' in text and not os.path.exists(os.path.join(prof, 'student0.pt'))
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
@@ -548,7 +559,8 @@ def test_imagenet64_preset_one_full_size_iteration():
 # ---------------------------------------------------------------- nothing lost, nothing executed, nothing silent
 
 RESUME_RUN = ['--preset', 'smoke', '--students', '1', '--teacher_steps', '4', '--tsm_steps', '2', '--dm_steps', '3',
-              '--adm_steps', '1', '--ckpt_every', '1', '--regression_weight', '0', '--heun_steps', '2']
+              '--adm_steps', '1', '--ckpt_every', '1', '--regression_weight', '0', '--heun_steps', '2', '--batch', '4',
+              '--teacher_batch', '8']
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')

@@ -588,9 +588,11 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
         fo, fsched = make_optimizer(list(fake.parameters()), cfg.lr, cfg)
         step, state = 0, load_state(stage_path(cfg, stage, k))
         if state is None:       # start from the latest earlier stage that ran (adm from dm, dm from tsm)
-            earlier = [load_state(stage_path(cfg, s, k)) for s in ('tsm', 'dm') if STAGES.index(s) < STAGES.index(stage)]
-            earlier = [e for e in earlier if e is not None]
-            state = dict(G=earlier[-1]['G'], fake=earlier[-1]['fake']) if earlier else None   # weights, fresh optimiser
+            for s in ('dm', 'tsm'):
+                if STAGES.index(s) < STAGES.index(stage) and os.path.exists(stage_path(cfg, s, k)):
+                    earlier = load_state(stage_path(cfg, s, k))
+                    state = dict(G=earlier['G'], fake=earlier['fake'])            # weights, fresh optimiser
+                    break
         # A stage that starts fresh is seeded from (seed, student, stage, rank) alone, so a resumed run
         # draws exactly the numbers an uninterrupted one would, whatever ran before it in this process.
         seed = cfg.seed * 10 ** 6 + k * 10 ** 4 + STAGES.index(stage) * 100 + d.rank
