@@ -331,6 +331,13 @@ def paired_overhead(a, ya, b, yb, shape, device, pairs=10):
     return 1 - float(np.median(ratios))
 
 
+def peak_rss_mib():
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)
+
+
 def forward_flops(net, shape, device):
     """FLOPs of one network forward for one image (torch's FLOP counter: 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -503,7 +510,8 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
             continue
         params = sum(p.numel() for p in (net or msd).parameters()) / (1 if net is not None else len(msd.students))
         flops = forward_flops(lambda x, l: net(x, torch.ones(1, device=device), torch.nn.functional.one_hot(l, teacher.label_dim).float()), shape, device) if net is not None else None
-        mem = f' | peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else ''
+        mem = (f' | peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else
+               f' | process peak RSS {peak_rss_mib():.0f} MiB')          # CPU: the process's high-water mark so far
         frac = f' | {100 * flops * ips * (nfe if name.startswith("teacher") else 1) / (peak * 1e12):.2f}% of bf16 peak' if peak and flops else ''
         out[name] = ips
         print(f'  {name:55s} {ips:9.2f} img/s | {1000 * batch / ips:9.1f} ms/batch | {params / 1e6:6.2f}M params'
