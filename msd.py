@@ -4,7 +4,7 @@
 
 Each label is routed to its student by a table lookup; the batch is sorted by student, every
 student runs once on the contiguous sub-batch of labels it owns, and the images come back in input
-order. One image still costs one network
+order (one host sync per call, to read the sub-batch sizes). One image still costs one network
 evaluation (of a student that may be smaller than the teacher).
 
 A checkpoint is one file holding the partition, every student's NetConfig and state_dict, and the

@@ -14,6 +14,9 @@ This file also reads the datasets (train.py imports it; nothing imports train.py
     python sample.py --ckpt runs/fashion/msd.pt --fid 1000                    # MSD, 1 NFE
     python sample.py --ckpt runs/fashion/teacher.pt --fid 1000                # teacher, Heun 35 NFE
     python sample.py --ckpt runs/fashion/msd.pt --bench                       # images/s vs the teacher
+
+The benchmark (README, BENCHMARKS) times every generator on the same machine and batch, and judges
+the routing overhead from alternating calls of one student and the MSD generator (paired_overhead).
 """
 import argparse
 import gzip
