@@ -53,7 +53,7 @@ class MSD(nn.Module):
         zs, ys = z[order].split(sizes), labels[order].split(sizes)
         out = torch.empty_like(z)
         if len(labels):
-            out[order] = torch.cat([G(zk, yk).to(z.dtype) for G, zk, yk in zip(self.students, zs, ys)])
+            out[order] = torch.cat([G(zk, yk).to(z.dtype) for G, zk, yk, n in zip(self.students, zs, ys, sizes) if n])
         return out
 
 

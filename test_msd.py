@@ -243,6 +243,8 @@ def test_routed_batch_equals_each_image_from_its_own_student():
     assert sizes == [int((owner == k).sum()) for k in range(3)]
     torch.testing.assert_close(msd(z, y, sizes=sizes), ref)
     assert msd(z[:0], y[:0]).shape == (0, 1, 8, 8)
+    keep = owner != 1                                      # student 1 owns none of these: it is not run
+    torch.testing.assert_close(msd(z[keep], y[keep]), ref[keep])
     with torch.no_grad():                                  # the bench's batched variant: one vmapped network
         torch.testing.assert_close(S.StackedMSD(msd)(z, y), ref)
 
@@ -718,7 +720,7 @@ def test_bench_reports_every_generator(capsys):
     speeds = {k: v for k, v in out.items() if not k.startswith('routing overhead')}
     assert len(speeds) == 5 and all(v > 0 for v in speeds.values())
     assert -1 < out['routing overhead, eager'] < 1
-    assert 'routing overhead, eager: MSD with mixed labels costs' in capsys.readouterr().out
+    assert 'routing overhead, eager: MSD with mixed labels gives' in capsys.readouterr().out
 
 
 def test_paired_overhead_of_a_generator_twice_as_slow_is_one_half():

@@ -389,7 +389,8 @@ def gather_rng(state, group, n):
 
 class StudentRun:
     """Noise, labels and sigmas are drawn on the device (global RNG, saved with each checkpoint), so a
-    step copies nothing from the host but its real images; `gen` (host) draws which images."""
+    step copies nothing from the host but its real images; `gen` (host) draws which images. (So a
+    run resumed on another kind of device continues with other random numbers.)"""
 
     def __init__(self, cfg, d, k, classes, data, teacher, group, n_ranks):
         self.cfg, self.d, self.k, self.classes = cfg, d, k, torch.tensor(classes, device=d.device)
@@ -485,7 +486,8 @@ def profile_iterations(cfg, d, groups, data, teacher):
     update) of student 0, on fresh optimisers: N timed iterations after a warm-up, then one under
     torch.profiler, whose busiest operations are printed and whose trace is written for
     chrome://tracing or Perfetto. On CUDA, torch's sync debug mode counts host-device
-    synchronisations; the design has one per optimiser update (step_optimizer)."""
+    synchronisations; the design has one per optimiser update (step_optimizer). The DM iteration is
+    timed without the optional regression loss (--regression_weight). One process only."""
     import warnings
     from torch.profiler import ProfilerActivity, profile
     cuda = d.device.type == 'cuda'
@@ -509,11 +511,13 @@ def profile_iterations(cfg, d, groups, data, teacher):
         syncs = ''
         if cuda:
             torch.cuda.set_sync_debug_mode('warn')
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter('always')
-                iteration()
-                sync()
-            torch.cuda.set_sync_debug_mode('default')
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter('always')
+                    iteration()
+                    sync()
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
             n_sync = sum('synchronizing' in str(w.message) for w in caught)
             syncs = f' | {n_sync} host-device syncs per iteration ({cfg.ratio + 1} optimiser updates)'
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -712,6 +716,8 @@ def main(cfg: Config):
     if d.main:
         print(f'partition ({cfg.partition}): {groups}', flush=True)
     if cfg.profile:
+        if d.world > 1:
+            raise ValueError('--profile runs in one process: start it with python, not torchrun')
         return profile_iterations(cfg, d, groups, data, teacher)
 
     # Students: subgroups are created by every rank, in the same order (torch.distributed requires it).
