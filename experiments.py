@@ -188,16 +188,19 @@ class Inception:
 
     @torch.no_grad()
     def features(self, images, name='features'):
-        if self.device.type == 'cuda':               # full float32 convolutions (no TF32), like on the CPU
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        out, bs = [], 200 if self.device.type == 'cuda' else 50
-        bar = S.Progress(f'inception {name}', len(images), enabled=len(images) > bs)
-        for i in range(0, len(images), bs):
-            x = images[i:i + bs]
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            out.append(self.net(x.contiguous().to(self.device))[0].double().cpu())
-            bar.update(min(i + bs, len(images)))
-        bar.close(len(images))
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # full float32, like the CPU
+        try:
+            out, bs = [], 200 if self.device.type == 'cuda' else 50
+            bar = S.Progress(f'inception {name}', len(images), enabled=len(images) > bs)
+            for i in range(0, len(images), bs):
+                x = images[i:i + bs]
+                x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+                out.append(self.net(x.contiguous().to(self.device))[0].double().cpu())
+                bar.update(min(i + bs, len(images)))
+            bar.close(len(images))
+        finally:                                     # the rest of the process keeps its TF32 setting
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         return torch.cat(out)
 
 

@@ -306,8 +306,6 @@ def images_per_second(gen, shape, labels, device, repeats=3):
     with torch.no_grad():
         gen(z, labels)                                   # warm-up
         sync()
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats()
         for _ in range(repeats):
             t0 = time.perf_counter()
             gen(z, labels)
