@@ -10,6 +10,7 @@ Stages (--stages, in this order; each resumes from the last checkpoint of the on
 
     python train.py                                         # Fashion-MNIST, 4 students, 1 process
     python train.py --preset smoke --out runs/smoke         # every stage in a minute or two
+    python train.py --profile 3 --out runs/profile          # time and profile DM / ADM iterations
     torchrun --standalone --nproc_per_node 2 train.py --students 4 --preset smoke
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 train.py --students 4 ...
 
