@@ -70,10 +70,7 @@ run = train.StudentRun(cfg, train.Dist(device=dev), 0, list(range(250)), data, t
 for adm in (False, True):
     go, gs = train.make_optimizer(list(G.parameters()), cfg.lr, cfg, steps_per_update=cfg.ratio)
     fo, fs = train.make_optimizer(list(fake.parameters()), cfg.lr, cfg)
-    def iteration():
-        for _ in range(cfg.ratio):
-            train.critic_step(run, G, fake, fo, fs, adm)
-        train.generator_step(run, G, fake, go, gs, adm)
+    iteration = lambda: train.distill_iteration(run, G, fake, go, gs, fo, fs, adm)
     iteration(); torch.cuda.synchronize(); t0 = time.time()
     for _ in range(3):
         iteration()

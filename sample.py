@@ -297,28 +297,9 @@ def fid(gen, num_classes, shape, n, ref_name, real_fn, n_ref, device='cpu', seed
 # ----------------------------------------------------------------------------------------------
 # Speed: the one-step MSD generator against the teacher's Heun sampler, same batch, same machine.
 
-def images_per_second(gen, shape, labels, device, repeats=3):
-    """Images/s from the median of `repeats` timed calls on one batch, after a warm-up call (the median
-    is robust to the odd disturbed call on a shared machine, and fair between short and long calls)."""
-    z = torch.randn((len(labels),) + tuple(shape), device=device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    times = []
-    with torch.no_grad():
-        gen(z, labels)                                   # warm-up
-        sync()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            gen(z, labels)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return len(labels) / float(np.median(times))
-
-
-def paired_times(a, ya, b, yb, shape, device, pairs=10):
-    """Seconds of `pairs` alternating calls a, b, a, b, ... on the same noise, after a warm-up call of
-    each: ([t_a,i], [t_b,i]). Both calls of a pair see the same machine state, so slow drifts and
-    disturbances that hit one block of calls cancel in the ratios (a shared CPU varies 10-30% per call)."""
-    z = torch.randn((len(ya),) + tuple(shape), device=device)
+def _timer(n, shape, device):
+    """Noise for n images, and a function that times one call gen(z, y) to its end (device synced)."""
+    z = torch.randn((n,) + tuple(shape), device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
     def timed(gen, y):
@@ -326,9 +307,26 @@ def paired_times(a, ya, b, yb, shape, device, pairs=10):
         gen(z, y)
         sync()
         return time.perf_counter() - t0
-    with torch.no_grad():
-        timed(a, ya), timed(b, yb)                       # warm-up
-        times = [(timed(a, ya), timed(b, yb)) for _ in range(pairs)]
+    return timed
+
+
+@torch.no_grad()
+def images_per_second(gen, shape, labels, device, repeats=3):
+    """Images/s from the median of `repeats` timed calls on one batch, after a warm-up call (the median
+    is robust to the odd disturbed call on a shared machine, and fair between short and long calls)."""
+    timed = _timer(len(labels), shape, device)
+    timed(gen, labels)                                   # warm-up
+    return len(labels) / float(np.median([timed(gen, labels) for _ in range(repeats)]))
+
+
+@torch.no_grad()
+def paired_times(a, ya, b, yb, shape, device, pairs=10):
+    """Seconds of `pairs` alternating calls a, b, a, b, ... on the same noise, after a warm-up call of
+    each: ([t_a,i], [t_b,i]). Both calls of a pair see the same machine state, so slow drifts and
+    disturbances that hit one block of calls cancel in the ratios (a shared CPU varies 10-30% per call)."""
+    timed = _timer(len(ya), shape, device)
+    timed(a, ya), timed(b, yb)                           # warm-up
+    times = [(timed(a, ya), timed(b, yb)) for _ in range(pairs)]
     return [t for t, _ in times], [t for _, t in times]
 
 
@@ -491,10 +489,9 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
             ('one student (1 NFE)', st0, own, repeats, st0.net.model),
             (f'MSD, {len(msd.students)} students, mixed labels', msd, labels, repeats, None)]
     rows += [(name, gen, own, repeats, st0.net.model) for name, gen in variants(st0, shape, batch, device, compile_)]
-    one = dict((r[0], r[1]) for r in rows)
-    graph_one, K = one.get('one student, bf16 + CUDA graph'), len(msd.students)
+    one, K = dict((r[0], r[1]) for r in rows), len(msd.students)
     graphed = []                                      # (how, row name, MSD generator, name of the one-student row it is paired with)
-    if graph_one is not None:                         # captures on this device: the routed generator too
+    if 'one student, bf16 + CUDA graph' in one:       # captures on this device: the routed generator too
         graphed.append(('bf16 + CUDA graph', f'MSD, {K} students, mixed labels, bf16 + CUDA graph', GraphedMSD(msd),
                         'one student, bf16 + CUDA graph'))
         if all(st.net.cfg == st0.net.cfg for st in msd.students):
@@ -545,15 +542,15 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
               f'at least 30x: {"holds" if speedup >= 30 else "NOT REACHED"}) | from the rows above: one student / '
               f'teacher {one / t:.1f}x, MSD / teacher {m / t:.1f}x, MSD / one student {m / one:.2f}')
     # The routing overhead itself, from alternating calls (robust to a noisy machine; see paired_overhead).
-    gens = {r[0]: r[1] for r in rows}
+    gens, n_pairs = {r[0]: r[1] for r in rows}, max(repeats, 10)
     pairs = [('eager', rows[1][0], rows[2][0])] + [(how, base, name) for how, name, _, base in graphed]
     for how, a, b in pairs:
         if a not in out or b not in out:                 # a row that failed above
             continue
-        over = paired_overhead(gens[a], own, gens[b], labels, shape, device, max(repeats, 10))
+        over = paired_overhead(gens[a], own, gens[b], labels, shape, device, n_pairs)
         out[f'routing overhead, {how}'] = over
         print(f'  routing overhead, {how}: MSD with mixed labels gives {100 * abs(over):.1f}% '
-              f'{"fewer" if over >= 0 else "more"} images/s than one student (median of {max(repeats, 10)} '
+              f'{"fewer" if over >= 0 else "more"} images/s than one student (median of {n_pairs} '
               f'alternating pairs; bound: at most 10% fewer: {"holds" if over <= 0.10 else "EXCEEDED"})')
     return out
 

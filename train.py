@@ -463,6 +463,13 @@ def generator_step(run, G, fake, opt, sched, adm, pairs=None):
     return dict(out, grad_gen=gn)
 
 
+def distill_iteration(run, G, fake, go, gsched, fo, fsched, adm, pairs=None):
+    """One DM / ADM iteration (TTUR): `ratio` critic updates, then one generator update."""
+    for _ in range(run.cfg.ratio):
+        info = critic_step(run, G, fake, fo, fsched, adm)
+    return dict(info, **generator_step(run, G, fake, go, gsched, adm, pairs))
+
+
 def tsm_step(run, G, opt, sched):
     x, y = run.real(run.cfg.batch)
     with autocast(run.d.device):
@@ -499,9 +506,7 @@ def profile_iterations(cfg, d, groups, data, teacher):
     fo, fsched = make_optimizer(list(fake.parameters()), cfg.lr, cfg)
     for stage in ('dm', 'adm'):
         def iteration(adm=stage == 'adm'):
-            for _ in range(cfg.ratio):
-                critic_step(run, G, fake, fo, fsched, adm)
-            generator_step(run, G, fake, go, gsched, adm)
+            distill_iteration(run, G, fake, go, gsched, fo, fsched, adm)
         iteration()                                                       # warm-up (cuDNN autotuning, allocator)
         sync()
         t0 = time.perf_counter()
@@ -617,9 +622,7 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
             if stage == 'tsm':
                 info = tsm_step(run, G, go, gsched)
             else:
-                for _ in range(cfg.ratio):
-                    info = critic_step(run, G, fake, fo, fsched, adm)
-                info.update(generator_step(run, G, fake, go, gsched, adm, None if adm else pairs))   # regression: DM only
+                info = distill_iteration(run, G, fake, go, gsched, fo, fsched, adm, None if adm else pairs)   # regression: DM only
             step += 1
             run.step = step
             bar.update(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
