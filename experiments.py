@@ -526,6 +526,7 @@ def main(cfg: GridConfig, argv):
     if ('train' in parts or 'eval' in parts) and not os.path.exists(cfg.teacher):
         raise FileNotFoundError(f'no teacher at {cfg.teacher} (train one: python train.py --stages teacher)')
     os.makedirs(cfg.out, exist_ok=True)
+    S.keep_freed_memory()
     path = os.path.join(cfg.out, 'results.json')
     results = json.load(open(path)) if os.path.exists(path) else {}
     results['command'] = results.get('command') or 'python experiments.py ' + ' '.join(argv)

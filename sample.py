@@ -16,7 +16,7 @@ This file also reads the datasets (train.py imports it; nothing imports train.py
     python sample.py --ckpt runs/fashion/msd.pt --bench                       # images/s vs the teacher
 
 The benchmark (README, BENCHMARKS) times every generator on the same machine and batch, and judges
-the routing overhead from alternating calls of one student and the MSD generator (paired_overhead).
+its ratios within rounds of calls of every generator (round_robin_times, overhead).
 """
 import argparse
 import gzip
@@ -297,6 +297,25 @@ def fid(gen, num_classes, shape, n, ref_name, real_fn, n_ref, device='cpu', seed
 # ----------------------------------------------------------------------------------------------
 # Speed: the one-step MSD generator against the teacher's Heun sampler, same batch, same machine.
 
+def keep_freed_memory():
+    """CPU speed: keep memory that tensors free inside the process instead of returning it to the OS.
+
+    glibc's malloc serves blocks above a threshold (128 KiB, raised on the fly up to 32 MiB) with their
+    own mmap and unmaps them on free, and trims the top of its heap. A forward then page-faults fresh,
+    zeroed memory for most activations it allocates: about 40,000 faults per student forward at batch
+    64, some 20-30% of its time on a 2-core CPU, and a source of call-to-call noise (README,
+    BENCHMARKS). A high mmap threshold and no trimming let later calls reuse the memory; the process
+    keeps its peak. glibc only: elsewhere (macOS, musl) it does nothing. Returns whether it applied."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) and        # the argument is a C int
+                (mallopt(M_MMAP_THRESHOLD, 2 ** 30) or mallopt(M_MMAP_THRESHOLD, 2 ** 25)))
+
+
 def _timer(n, shape, device):
     """Noise for n images, and a function that times one call gen(z, y) to its end (device synced)."""
     z = torch.randn((n,) + tuple(shape), device=device)
@@ -320,22 +339,29 @@ def images_per_second(gen, shape, labels, device, repeats=3):
 
 
 @torch.no_grad()
-def paired_times(a, ya, b, yb, shape, device, pairs=10):
-    """Seconds of `pairs` alternating calls a, b, a, b, ... on the same noise, after a warm-up call of
-    each: ([t_a,i], [t_b,i]). Both calls of a pair see the same machine state, so slow drifts and
-    disturbances that hit one block of calls cancel in the ratios (a shared CPU varies 10-30% per call)."""
-    timed = _timer(len(ya), shape, device)
-    timed(a, ya), timed(b, yb)                           # warm-up
-    times = [(timed(a, ya), timed(b, yb)) for _ in range(pairs)]
-    return [t for t, _ in times], [t for _, t in times]
+def round_robin_times(gens, shape, device, bar=None):
+    """gens: [(gen, labels, calls)], all of one batch size, each already called once (warm-up).
+    Seconds of each generator's timed calls, taken in rounds: a round calls every generator that has
+    calls left once, in turn. So all generators sample the same stretch of machine state, and a ratio
+    of two generators is taken within each round (`overhead`): a shared CPU varies 10-30% from call
+    to call and drifts over minutes, which cancels in a ratio of neighbouring calls."""
+    timed = _timer(len(gens[0][1]), shape, device)
+    times, done = [[] for _ in gens], 0
+    for r in range(max(calls for _, _, calls in gens)):
+        for (gen, y, calls), t in zip(gens, times):
+            if r < calls:
+                t.append(timed(gen, y))
+                done += 1
+                if bar:
+                    bar.update(done)
+    return times
 
 
-def paired_overhead(a, ya, b, yb, shape, device, pairs=10):
-    """The fraction of a's images/s that b loses: 1 - median_i(t_a,i / t_b,i) over alternating calls,
-    i.e. 1 - (images/s of b) / (images/s of a); 0.10 is the issue's bound "within 10% of a single
-    student's images/s" (b then takes 1/0.9 = 1.11x a's time)."""
-    ta, tb = paired_times(a, ya, b, yb, shape, device, pairs)
-    return 1 - float(np.median([x / y for x, y in zip(ta, tb)]))
+def overhead(t_a, t_b):
+    """The fraction of a's images/s that b loses, from times of the same rounds: 1 - median_r(t_a,r /
+    t_b,r) = 1 - (images/s of b) / (images/s of a). 0.10 is the issue's bound "within 10% of a single
+    student's images/s" (b then takes 1/0.9 = 1.11x a's time); below 0, b is the faster."""
+    return 1 - float(np.median([a / b for a, b in zip(t_a, t_b)]))
 
 
 def peak_rss_mib():
@@ -511,61 +537,68 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         st = Student(student_config(teacher.cfg, w)).to(device).eval()
         rows.append((f'student at width {w} ({st.net.cfg.model_channels} ch, random weights)', st, own, repeats, st.net.model))
     peak = matmul_tflops(device) if device.type == 'cuda' else None
-    print(f'batch {batch}, median of {repeats} calls (teacher: of 3), on {device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else
+    print(f'batch {batch}, on {device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else
           f'batch {batch} on {torch.cuda.get_device_name(device)}; measured bf16 matrix product {peak:.0f} TFLOP/s')
-    out = {}
-    for name, gen, y, reps, net in rows:
+    # Warm-up: one call of each generator (graphs are captured, compiled code built, cuDNN tuned here,
+    # so a row that cannot run on this device fails here), and its peak memory.
+    timed, live, mem = _timer(batch, shape, device), [], {}
+    warm_teacher = lambda z, y: heun(teacher, z, y, 2)           # 3 NFE warm the teacher's network as well as 35
+    for row in rows:
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
         try:
-            if name.startswith('teacher'):          # alternated with one student: the speed-up from pairs
-                t_one, t_teacher = paired_times(st0, own, gen, y, shape, device, reps)
-                ips = batch / float(np.median(t_teacher))
-                speedup = float(np.median([t / o for o, t in zip(t_one, t_teacher)]))
-            else:
-                ips = images_per_second(gen, shape, y, device, reps)
+            with torch.no_grad():
+                timed(warm_teacher if row is rows[0] else row[1], row[2])
         except RuntimeError as e:                   # e.g. a capture that fails on this device: reported, not fatal
-            print(f'  {name:55s} failed: {str(e).splitlines()[0][:200]}', flush=True)
+            print(f'  {row[0]:55s} failed: {str(e).splitlines()[0][:200]}', flush=True)
             continue
+        live.append(row)
+        mem[row[0]] = (f'peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else
+                       f'process peak RSS so far {peak_rss_mib():.0f} MiB')     # CPU: the high-water mark over the rows so far
+    bar = Progress('bench', sum(r[3] for r in live), enabled=device.type == 'cpu')
+    times = dict(zip([r[0] for r in live], round_robin_times([r[1:4] for r in live], shape, device, bar)))
+    bar.close(sum(r[3] for r in live))
+    print(f'  median of {repeats} calls per one-step row, of 3 for the teacher, timed in rounds (each round calls every row once)')
+    out = {}
+    for name, gen, y, reps, net in live:
+        ips = out[name] = batch / float(np.median(times[name]))
         params = sum(p.numel() for p in (net or msd).parameters()) / (1 if net is not None else len(msd.students))
         flops = forward_flops(lambda x, l: net(x, torch.ones(1, device=device), torch.nn.functional.one_hot(l, teacher.label_dim).float()), shape, device) if net is not None else None
-        mem = (f' | peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else
-               f' | process peak RSS so far {peak_rss_mib():.0f} MiB')   # CPU: the high-water mark over all rows so far
         frac = f' | {100 * flops * ips * (nfe if name.startswith("teacher") else 1) / (peak * 1e12):.2f}% of bf16 peak' if peak and flops else ''
-        out[name] = ips
         print(f'  {name:55s} {ips:9.2f} img/s | {1000 * batch / ips:9.1f} ms/batch | {params / 1e6:6.2f}M params'
-              + (f' | {flops / 1e9:.3f} GFLOP/forward' if flops else '') + mem + frac, flush=True)
-    if all(r[0] in out for r in rows[:3]):
-        t, one, m = out[rows[0][0]], out[rows[1][0]], out[rows[2][0]]
-        out['one student / teacher, paired'] = speedup
-        print(f'  ratios: one student / teacher {speedup:.1f}x (median of 3 alternating pairs; ideal {nfe}x; '
-              f'at least 30x: {"holds" if speedup >= 30 else "NOT REACHED"}) | from the rows above: one student / '
-              f'teacher {one / t:.1f}x, MSD / teacher {m / t:.1f}x, MSD / one student {m / one:.2f}')
-    # The routing overhead itself, from alternating calls (robust to a noisy machine; see paired_overhead).
-    gens, n_pairs = {r[0]: r[1] for r in rows}, max(repeats, 10)
-    pairs = [('eager', rows[1][0], rows[2][0])] + [(how, base, name) for how, name, _, base in graphed]
-    for how, a, b in pairs:
-        if a not in out or b not in out:                 # a row that failed above
+              + (f' | {flops / 1e9:.3f} GFLOP/forward' if flops else '') + f' | {mem[name]}' + frac, flush=True)
+    # Ratios within rounds: the teacher against one student, and every MSD row against its single-student row.
+    teacher_row, one_row, msd_row = (r[0] for r in rows[:3])
+    if teacher_row in times and one_row in times:
+        speedup = out['one student / teacher'] = float(np.median([t / o for o, t in zip(times[one_row], times[teacher_row])]))
+        print(f'  one student / teacher: {speedup:.1f}x the images/s (median over the 3 rounds with the teacher; ideal {nfe}x; '
+              f'at least 30x: {"holds" if speedup >= 30 else "NOT REACHED"})')
+    for how, a, b in [('eager', one_row, msd_row)] + [(how, base, name) for how, name, _, base in graphed]:
+        if a not in times or b not in times:             # a row that failed above
             continue
-        over = paired_overhead(gens[a], own, gens[b], labels, shape, device, n_pairs)
-        out[f'routing overhead, {how}'] = over
+        over = out[f'routing overhead, {how}'] = overhead(times[a], times[b])
         print(f'  routing overhead, {how}: MSD with mixed labels gives {100 * abs(over):.1f}% '
-              f'{"fewer" if over >= 0 else "more"} images/s than one student (median of {n_pairs} '
-              f'alternating pairs; bound: at most 10% fewer: {"holds" if over <= 0.10 else "EXCEEDED"})')
+              f'{"fewer" if over >= 0 else "more"} images/s than one student (median over {len(times[b])} '
+              f'rounds; bound: at most 10% fewer: {"holds" if over <= 0.10 else "EXCEEDED"})')
     return out
 
 
 def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):
-    """How one-step cost grows: with batch size (one student), with K (an MSD of K copies of student 0,
-    classes split contiguously, mixed labels, fixed batch) and with student width (random weights)."""
+    """How one-step cost grows: with batch size (one student, and the MSD generator with mixed labels and
+    its routing overhead), with K (an MSD of K copies of student 0, classes split contiguously, mixed
+    labels, fixed batch) and with student width (random weights)."""
     from student import Student, student_config
     import partition as P
     shape = (teacher.cfg.img_channels, teacher.cfg.img_resolution, teacher.cfg.img_resolution)
     st, C = msd.students[0], msd.num_classes
     print(f'scaling on {device}, median of {repeats} calls')
-    for b in (1, 16, 64, 256, 1024):
-        ips = images_per_second(st, shape, torch.zeros(b, dtype=torch.long, device=device), device, repeats)
-        print(f'  batch {b:5d}, one student: {ips:9.1f} img/s, {1000 * b / ips:8.2f} ms/batch')
+    for b in (1, 16, 64, 256, 1024):               # one student, and the MSD generator with mixed labels, in rounds
+        own, mixed = torch.full((b,), msd.groups[0][0], device=device), (torch.arange(b) % C).to(device)
+        with torch.no_grad():
+            st(torch.randn((b,) + shape, device=device), own), msd(torch.randn((b,) + shape, device=device), mixed)
+        t_one, t_msd = round_robin_times([(st, own, repeats), (msd, mixed, repeats)], shape, device)
+        print(f'  batch {b:5d}, one student: {b / np.median(t_one):9.1f} img/s, {1000 * np.median(t_one):8.2f} ms/batch | '
+              f'MSD, mixed labels: {b / np.median(t_msd):9.1f} img/s, routing overhead {100 * overhead(t_one, t_msd):5.1f}%')
     labels = (torch.arange(batch) % C).to(device)
     for k in sorted({1, 2, 4, min(8, C), C}):
         m = MSD([st] * k, P.make_partition('contiguous', C, k), C).to(device).eval()
@@ -601,13 +634,14 @@ def main(argv=None):
     ap.add_argument('--data', default='', help=f'dataset for the FID reference (default: {FASHION_DIR})')
     ap.add_argument('--bench', action='store_true', help='images/s of the MSD generator vs the teacher sampler')
     ap.add_argument('--teacher', default='', help='teacher for --bench (default: the one recorded in the MSD checkpoint)')
-    ap.add_argument('--batch', type=int, default=64, help='batch size for --bench (default 64)')
+    ap.add_argument('--batch', type=int, default=256, help='batch size for --bench (default 256: where one student comes near its best images/s on a small CPU; --scaling shows the curve)')
     ap.add_argument('--repeats', type=int, default=10, help='timed calls per one-step generator in --bench, median taken (default 10)')
     ap.add_argument('--scaling', action='store_true', help='--bench also prints how cost grows with batch size, K and width')
     ap.add_argument('--compile', action='store_true', help='--bench also measures one student under torch.compile (compiles first)')
     ap.add_argument('--heun_steps', type=int, default=18, help='teacher Heun steps N, 2N-1 NFE (default 18 -> 35)')
     ap.add_argument('--device', default='auto', help='auto, cpu or cuda')
     args = ap.parse_args(argv)
+    keep_freed_memory()
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
                           'cpu' if args.device == 'auto' else args.device)
     gen, cfg, desc, nfe = load_generator(args.ckpt, device, args.heun_steps)

@@ -717,18 +717,35 @@ def test_bench_reports_every_generator(capsys):
     teacher = randomize(build_net(TINY)).eval()
     msd = MSD([Student.from_teacher(teacher) for _ in range(2)], [[0, 1, 2], [3, 4, 5]], 6).eval()
     out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=1)
-    speeds = {k: v for k, v in out.items() if not k.startswith('routing overhead') and 'paired' not in k}
+    speeds = {k: v for k, v in out.items() if not k.startswith('routing overhead') and '/' not in k}
     assert len(speeds) == 5 and all(v > 0 for v in speeds.values())
-    assert out['one student / teacher, paired'] > 1           # 3 NFE (heun_steps 2) against 1
+    assert out['one student / teacher'] > 1                  # 3 NFE (heun_steps 2) against 1
     assert -1 < out['routing overhead, eager'] < 1
     assert 'routing overhead, eager: MSD with mixed labels gives' in capsys.readouterr().out
 
 
-def test_paired_overhead_of_a_generator_twice_as_slow_is_one_half():
+def test_round_robin_overhead_of_a_generator_twice_as_slow_is_one_half():
     def gen(seconds):
         return lambda z, y: time.sleep(seconds)
-    over = S.paired_overhead(gen(0.01), torch.zeros(2), gen(0.02), torch.zeros(2), (1, 2, 2), torch.device('cpu'), pairs=5)
-    assert 0.4 < over < 0.6                               # 1 - t_a / t_b = 1 - 0.01 / 0.02
+    t_a, t_b, t_c = S.round_robin_times([(gen(0.01), torch.zeros(2), 5), (gen(0.02), torch.zeros(2), 5),
+                                         (gen(0.0), torch.zeros(2), 2)], (1, 2, 2), torch.device('cpu'))
+    assert (len(t_a), len(t_b), len(t_c)) == (5, 5, 2)       # each generator gets its own number of calls
+    assert 0.4 < S.overhead(t_a, t_b) < 0.6                   # 1 - t_a / t_b = 1 - 0.01 / 0.02
+    assert -1.2 < S.overhead(t_b, t_a) < -0.8                 # b is the faster: 1 - 0.02 / 0.01 = -1
+
+
+def test_keep_freed_memory_stops_page_faults():
+    """glibc would mmap each 64 MiB block afresh and fault in its 16,384 pages on every allocation."""
+    import resource
+    if not S.keep_freed_memory():
+        pytest.skip('not glibc')
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):                      # the heap grows a few times (aligned blocks fragment it), then settles
+        torch.empty(2 ** 24).fill_(1)
+    f0 = faults()
+    for _ in range(5):
+        torch.empty(2 ** 24).fill_(1)
+    assert faults() - f0 < 2 * 16384                          # without it: 5 x 16,384
 
 
 @pytest.mark.parametrize('width', [0.9, 0.76, 0.67, 0.5, 0.3])
