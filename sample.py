@@ -341,27 +341,39 @@ def images_per_second(gen, shape, labels, device, repeats=3):
 @torch.no_grad()
 def round_robin_times(gens, shape, device, bar=None):
     """gens: [(gen, labels, calls)], all of one batch size, each already called once (warm-up).
-    Seconds of each generator's timed calls, taken in rounds: a round calls every generator that has
-    calls left once, in turn. So all generators sample the same stretch of machine state, and a ratio
-    of two generators is taken within each round (`overhead`): a shared CPU varies 10-30% from call
-    to call and drifts over minutes, which cancels in a ratio of neighbouring calls."""
+    Seconds of each generator's timed calls, taken in rounds (as many as the most calls): a round calls
+    each generator in turn, and a generator with fewer calls is called in evenly spread rounds. So all
+    generators sample the same stretch of machine state, and the ratio of two is taken within rounds
+    (`overhead`): a shared CPU varies 10-30% from call to call and drifts over minutes, which cancels
+    in a ratio of neighbouring calls. Returns one list per generator, one entry per round (None where
+    it was not called)."""
     timed = _timer(len(gens[0][1]), shape, device)
-    times, done = [[] for _ in gens], 0
-    for r in range(max(calls for _, _, calls in gens)):
+    rounds = max(calls for _, _, calls in gens)
+    times, done = [[None] * rounds for _ in gens], 0
+    for r in range(rounds):
         for (gen, y, calls), t in zip(gens, times):
-            if r < calls:
-                t.append(timed(gen, y))
+            if (r + 1) * calls // rounds > r * calls // rounds:     # calls of `calls` spread over the rounds
+                t[r] = timed(gen, y)
                 done += 1
                 if bar:
                     bar.update(done)
     return times
 
 
+def median_time(t):
+    return float(np.median([x for x in t if x is not None]))
+
+
+def time_ratio(t_a, t_b):
+    """median_r(t_a,r / t_b,r) over the rounds where both ran: how many times longer a takes than b."""
+    return float(np.median([a / b for a, b in zip(t_a, t_b) if a is not None and b is not None]))
+
+
 def overhead(t_a, t_b):
-    """The fraction of a's images/s that b loses, from times of the same rounds: 1 - median_r(t_a,r /
-    t_b,r) = 1 - (images/s of b) / (images/s of a). 0.10 is the issue's bound "within 10% of a single
-    student's images/s" (b then takes 1/0.9 = 1.11x a's time); below 0, b is the faster."""
-    return 1 - float(np.median([a / b for a, b in zip(t_a, t_b)]))
+    """The fraction of a's images/s that b loses: 1 - time_ratio(t_a, t_b) = 1 - (images/s of b) /
+    (images/s of a). 0.10 is the issue's bound "within 10% of a single student's images/s" (b then
+    takes 1/0.9 = 1.11x a's time); below 0, b is the faster."""
+    return 1 - time_ratio(t_a, t_b)
 
 
 def peak_rss_mib():
@@ -561,7 +573,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     print(f'  median of {repeats} calls per one-step row, of 3 for the teacher, timed in rounds (each round calls every row once)')
     out = {}
     for name, gen, y, reps, net in live:
-        ips = out[name] = batch / float(np.median(times[name]))
+        ips = out[name] = batch / median_time(times[name])
         params = sum(p.numel() for p in (net or msd).parameters()) / (1 if net is not None else len(msd.students))
         flops = forward_flops(lambda x, l: net(x, torch.ones(1, device=device), torch.nn.functional.one_hot(l, teacher.label_dim).float()), shape, device) if net is not None else None
         frac = f' | {100 * flops * ips * (nfe if name.startswith("teacher") else 1) / (peak * 1e12):.2f}% of bf16 peak' if peak and flops else ''
@@ -570,7 +582,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     # Ratios within rounds: the teacher against one student, and every MSD row against its single-student row.
     teacher_row, one_row, msd_row = (r[0] for r in rows[:3])
     if teacher_row in times and one_row in times:
-        speedup = out['one student / teacher'] = float(np.median([t / o for o, t in zip(times[one_row], times[teacher_row])]))
+        speedup = out['one student / teacher'] = time_ratio(times[teacher_row], times[one_row])
         print(f'  one student / teacher: {speedup:.1f}x the images/s (median over the 3 rounds with the teacher; ideal {nfe}x; '
               f'at least 30x: {"holds" if speedup >= 30 else "NOT REACHED"})')
     for how, a, b in [('eager', one_row, msd_row)] + [(how, base, name) for how, name, _, base in graphed]:
@@ -578,7 +590,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
             continue
         over = out[f'routing overhead, {how}'] = overhead(times[a], times[b])
         print(f'  routing overhead, {how}: MSD with mixed labels gives {100 * abs(over):.1f}% '
-              f'{"fewer" if over >= 0 else "more"} images/s than one student (median over {len(times[b])} '
+              f'{"fewer" if over >= 0 else "more"} images/s than one student (median over {sum(t is not None for t in times[b])} '
               f'rounds; bound: at most 10% fewer: {"holds" if over <= 0.10 else "EXCEEDED"})')
     return out
 
@@ -597,8 +609,8 @@ def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):
         with torch.no_grad():
             st(torch.randn((b,) + shape, device=device), own), msd(torch.randn((b,) + shape, device=device), mixed)
         t_one, t_msd = round_robin_times([(st, own, repeats), (msd, mixed, repeats)], shape, device)
-        print(f'  batch {b:5d}, one student: {b / np.median(t_one):9.1f} img/s, {1000 * np.median(t_one):8.2f} ms/batch | '
-              f'MSD, mixed labels: {b / np.median(t_msd):9.1f} img/s, routing overhead {100 * overhead(t_one, t_msd):5.1f}%')
+        print(f'  batch {b:5d}, one student: {b / median_time(t_one):9.1f} img/s, {1000 * median_time(t_one):8.2f} ms/batch | '
+              f'MSD, mixed labels: {b / median_time(t_msd):9.1f} img/s, routing overhead {100 * overhead(t_one, t_msd):5.1f}%')
     labels = (torch.arange(batch) % C).to(device)
     for k in sorted({1, 2, 4, min(8, C), C}):
         m = MSD([st] * k, P.make_partition('contiguous', C, k), C).to(device).eval()
