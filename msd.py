@@ -47,13 +47,21 @@ class MSD(nn.Module):
         student runs once on its contiguous slice, and the images are scattered back to input order.
         `sizes` (from self.sizes(labels)) may be given to skip the host sync, e.g. inside a CUDA graph
         captured for one label mix."""
+        order, parts = self.split(z, labels, sizes)
+        return self.merge(z, order, [G(zk, yk) for G, (zk, yk) in zip(self.students, parts) if len(zk)])
+
+    def split(self, z, labels, sizes=None):
+        """The batch sorted by student: (order, [(z_k, y_k) for each student k]), z_k possibly empty."""
         if sizes is None:
             sizes = self.sizes(labels)
         order = self.student_of[labels].argsort(stable=True)
-        zs, ys = z[order].split(sizes), labels[order].split(sizes)
+        return order, list(zip(z[order].split(sizes), labels[order].split(sizes)))
+
+    def merge(self, z, order, outputs):
+        """The students' outputs (in student order, non-empty sub-batches only) back in input order."""
         out = torch.empty_like(z)
-        if len(labels):
-            out[order] = torch.cat([G(zk, yk).to(z.dtype) for G, zk, yk, n in zip(self.students, zs, ys, sizes) if n])
+        if outputs:
+            out[order] = torch.cat([x.to(z.dtype) for x in outputs])
         return out
 
 

@@ -469,6 +469,28 @@ class GraphedMSD:
         return self.graphs[key](z, labels)
 
 
+def concurrent(msd: MSD, device):
+    """MSD.forward with each student's sub-batch on its own stream, joined before the scatter back: on a
+    GPU the K small sub-batches can then run at the same time and fill the card, where one after the
+    other each leaves most of it idle (README, BENCHMARKS). Captured in a CUDA graph (GraphedMSD) the
+    streams become parallel branches of the graph. On a CPU the streams are no-ops (sequential)."""
+    mod = torch.get_device_module(device)
+    streams = [mod.Stream() for _ in msd.students]
+
+    def forward(z, labels, sizes=None):
+        order, parts = msd.split(z, labels, sizes)
+        main, outputs = mod.current_stream(), []
+        for G, (zk, yk), s in zip(msd.students, parts, streams):
+            if len(zk):
+                s.wait_stream(main)                       # fork: the sorted batch is ready
+                with mod.stream(s):
+                    outputs.append(G(zk, yk))
+        for s in streams:
+            main.wait_stream(s)                           # join: every student has finished
+        return msd.merge(z, order, outputs)
+    return forward
+
+
 class StackedMSD:
     """K students of one architecture as one batched network: their weights stacked along a new
     first dimension and the network vmapped over it (torch.func), so every layer runs once for all
@@ -526,12 +548,18 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     rows = [(f'teacher, Heun {nfe} NFE', lambda z, y: heun(teacher, z, y, heun_steps), labels, 3, teacher.model),
             ('one student (1 NFE)', st0, own, repeats, st0.net.model),
             (f'MSD, {len(msd.students)} students, mixed labels', msd, labels, repeats, None)]
+    K, sizes = len(msd.students), msd.sizes(labels)
+    # The cost of splitting the batch alone, without routing: one student called on MSD's sub-batch sizes.
+    split = lambda z, y: [st0(zk, yk) for zk, yk in zip(z.split(sizes), y.split(sizes)) if len(zk)]
+    rows.append((f'one student on {K} sub-batches of ~{batch // K} (no routing)', split, own, repeats, st0.net.model))
     rows += [(name, gen, own, repeats, st0.net.model) for name, gen in variants(st0, shape, batch, device, compile_)]
-    one, K = dict((r[0], r[1]) for r in rows), len(msd.students)
+    one = dict((r[0], r[1]) for r in rows)
     graphed = []                                      # (how, row name, MSD generator, name of the one-student row it is paired with)
     if 'one student, bf16 + CUDA graph' in one:       # captures on this device: the routed generator too
         graphed.append(('bf16 + CUDA graph', f'MSD, {K} students, mixed labels, bf16 + CUDA graph', GraphedMSD(msd),
                         'one student, bf16 + CUDA graph'))
+        graphed.append(('bf16 + CUDA graph, one stream per student', f'MSD, {K} students, mixed labels, bf16 + CUDA graph, '
+                        f'one stream per student', GraphedMSD(msd, concurrent(msd, device)), 'one student, bf16 + CUDA graph'))
         if all(st.net.cfg == st0.net.cfg for st in msd.students):
             stacked = StackedMSD(msd)
             rows.append((f'MSD, {K} students stacked (vmap), mixed labels, bf16', lambda z, y: _bf16(stacked, z, y), labels, repeats, None))
@@ -582,8 +610,11 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     # Ratios within rounds: the teacher against one student, and every MSD row against its single-student row.
     teacher_row, one_row, msd_row = (r[0] for r in rows[:3])
     if teacher_row in times and one_row in times:
-        speedup = out['one student / teacher'] = time_ratio(times[teacher_row], times[one_row])
-        print(f'  one student / teacher: {speedup:.1f}x the images/s (median over the 3 rounds with the teacher; ideal {nfe}x; '
+        # From the two rows: a teacher call lasts a minute on a CPU and averages over machine states that a
+        # one-second student call in the same round may catch or miss; both rows are medians over calls
+        # spread across the same rounds, so they see the same machine.
+        speedup = out['one student / teacher'] = out[one_row] / out[teacher_row]
+        print(f'  one student / teacher: {speedup:.1f}x the images/s (ideal {nfe}x; '
               f'at least 30x: {"holds" if speedup >= 30 else "NOT REACHED"})')
     for how, a, b in [('eager', one_row, msd_row)] + [(how, base, name) for how, name, _, base in graphed]:
         if a not in times or b not in times:             # a row that failed above
@@ -592,6 +623,10 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         print(f'  routing overhead, {how}: MSD with mixed labels gives {100 * abs(over):.1f}% '
               f'{"fewer" if over >= 0 else "more"} images/s than one student (median over {sum(t is not None for t in times[b])} '
               f'rounds; bound: at most 10% fewer: {"holds" if over <= 0.10 else "EXCEEDED"})')
+    if one_row in times and rows[3][0] in times:
+        over = out['sub-batches alone'] = overhead(times[one_row], times[rows[3][0]])
+        print(f'    of which smaller batches alone: one student on the same {K} sub-batches gives {100 * abs(over):.1f}% '
+              f'{"fewer" if over >= 0 else "more"} images/s than on the whole batch (the rest is the routing itself)')
     return out
 
 
@@ -604,7 +639,7 @@ def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):
     shape = (teacher.cfg.img_channels, teacher.cfg.img_resolution, teacher.cfg.img_resolution)
     st, C = msd.students[0], msd.num_classes
     print(f'scaling on {device}, median of {repeats} calls')
-    for b in (1, 16, 64, 256, 1024):               # one student, and the MSD generator with mixed labels, in rounds
+    for b in (1, 16, 64, 256, 1024) + ((4096, 16384) if device.type == 'cuda' else ()):   # one student and MSD, in rounds
         own, mixed = torch.full((b,), msd.groups[0][0], device=device), (torch.arange(b) % C).to(device)
         with torch.no_grad():
             st(torch.randn((b,) + shape, device=device), own), msd(torch.randn((b,) + shape, device=device), mixed)

@@ -231,7 +231,8 @@ def test_routing_each_student_sees_only_its_labels_and_order_is_kept():
 
 def test_routed_batch_equals_each_image_from_its_own_student():
     """MSD(z, y)[i] = G_{k(y_i)}(z_i, y_i), image by image (the sort and scatter lose nothing), also
-    with the sizes given (the CUDA-graph path), for an empty batch, and with the students stacked."""
+    with the sizes given (the CUDA-graph path), for an empty batch, with the students stacked and with
+    one stream per student."""
     teacher = randomize(build_net(TINY)).eval()
     groups = P.make_partition('random', 6, 3, seed=2)
     msd = MSD([randomize(Student.from_teacher(teacher), seed=k) for k in range(3)], groups, 6).eval()
@@ -247,6 +248,9 @@ def test_routed_batch_equals_each_image_from_its_own_student():
     torch.testing.assert_close(msd(z[keep], y[keep]), ref[keep])
     with torch.no_grad():                                  # the bench's batched variant: one vmapped network
         torch.testing.assert_close(S.StackedMSD(msd)(z, y), ref)
+    run = S.concurrent(msd, torch.device('cpu'))           # one stream per student (no-op streams on a CPU)
+    torch.testing.assert_close(run(z, y, sizes), ref)
+    torch.testing.assert_close(run(z[keep], y[keep]), ref[keep])
 
 
 # ---------------------------------------------------------------- students and checkpoints
@@ -717,8 +721,8 @@ def test_bench_reports_every_generator(capsys):
     teacher = randomize(build_net(TINY)).eval()
     msd = MSD([Student.from_teacher(teacher) for _ in range(2)], [[0, 1, 2], [3, 4, 5]], 6).eval()
     out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=1)
-    speeds = {k: v for k, v in out.items() if not k.startswith('routing overhead') and '/' not in k}
-    assert len(speeds) == 5 and all(v > 0 for v in speeds.values())
+    speeds = {k: v for k, v in out.items() if not k.startswith(('routing overhead', 'sub-batches')) and '/' not in k}
+    assert len(speeds) == 6 and all(v > 0 for v in speeds.values())
     assert out['one student / teacher'] > 1                  # 3 NFE (heun_steps 2) against 1
     assert -1 < out['routing overhead, eager'] < 1
     assert 'routing overhead, eager: MSD with mixed labels gives' in capsys.readouterr().out
