@@ -305,8 +305,11 @@ def keep_freed_memory():
     zeroed memory for most activations it allocates: about 40,000 faults per student forward at batch
     64, some 20-30% of its time on a 2-core CPU, and a source of call-to-call noise (README,
     BENCHMARKS). A high mmap threshold and no trimming let later calls reuse the memory; the process
-    keeps its peak. glibc only: elsewhere (macOS, musl) it does nothing. Returns whether it applied."""
+    keeps its peak. glibc only: elsewhere (macOS, musl) it does nothing; MSD_RETURN_MEMORY=1 turns it off
+    (to measure what it changes). Returns whether it applied."""
     import ctypes
+    if os.environ.get('MSD_RETURN_MEMORY') == '1':
+        return False
     try:
         mallopt = ctypes.CDLL('libc.so.6').mallopt
     except (OSError, AttributeError):
@@ -595,10 +598,18 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         live.append(row)
         mem[row[0]] = (f'peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else
                        f'process peak RSS so far {peak_rss_mib():.0f} MiB')     # CPU: the high-water mark over the rows so far
+    faults = ''
+    if device.type == 'cpu' and any(r is rows[1] for r in live):        # page faults of one student's call (keep_freed_memory)
+        import resource
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(2):
+            timed(rows[1][1], rows[1][2])
+        faults = f'{(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 2:.0f}'
     bar = Progress('bench', sum(r[3] for r in live), enabled=device.type == 'cpu')
     times = dict(zip([r[0] for r in live], round_robin_times([r[1:4] for r in live], shape, device, bar)))
     bar.close(sum(r[3] for r in live))
-    print(f'  median of {repeats} calls per one-step row, of 3 for the teacher, timed in rounds (each round calls every row once)')
+    print(f'  median of {repeats} calls per one-step row, of 3 for the teacher, timed in rounds (each round calls every row once)'
+          + (f'; one student\'s call page-faults {faults} times' if faults else ''))
     out = {}
     for name, gen, y, reps, net in live:
         ips = out[name] = batch / median_time(times[name])
