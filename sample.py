@@ -636,9 +636,21 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
               f'rounds; bound: at most 10% fewer: {"holds" if over <= 0.10 else "EXCEEDED"})')
     if one_row in times and rows[3][0] in times:
         over = out['sub-batches alone'] = overhead(times[one_row], times[rows[3][0]])
-        print(f'    of which smaller batches alone: one student on the same {K} sub-batches gives {100 * abs(over):.1f}% '
-              f'{"fewer" if over >= 0 else "more"} images/s than on the whole batch (the rest is the routing itself)')
+        print(f'    smaller batches alone: one student on the same {K} sub-batches gives {100 * abs(over):.1f}% '
+              f'{"fewer" if over >= 0 else "more"} images/s than on the whole batch')
+    # The routing's own work (look-up, sort, gather, split, concatenation, scatter), with students that
+    # return their input: what MSD adds to K calls on sub-batches.
+    copy = MSD([_Identity() for _ in msd.students], msd.groups, msd.num_classes).to(device)
+    ms = 1000 * float(np.median(round_robin_times([(copy, labels, 20)], shape, device)[0]))
+    out['routing alone, ms'] = ms
+    print(f'    routing alone (students that return their input): {ms:.2f} ms per batch'
+          + (f', {100 * ms / (1000 * median_time(times[one_row])):.2f}% of one student\'s call' if one_row in times else ''))
     return out
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, z, labels):
+        return z.clone()
 
 
 def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):

@@ -721,10 +721,11 @@ def test_bench_reports_every_generator(capsys):
     teacher = randomize(build_net(TINY)).eval()
     msd = MSD([Student.from_teacher(teacher) for _ in range(2)], [[0, 1, 2], [3, 4, 5]], 6).eval()
     out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=1)
-    speeds = {k: v for k, v in out.items() if not k.startswith(('routing overhead', 'sub-batches')) and '/' not in k}
+    speeds = {k: v for k, v in out.items() if not k.startswith(('routing', 'sub-batches')) and '/' not in k}
     assert len(speeds) == 6 and all(v > 0 for v in speeds.values())
     assert out['one student / teacher'] > 1                  # 3 NFE (heun_steps 2) against 1
     assert -1 < out['routing overhead, eager'] < 1
+    assert 0 < out['routing alone, ms'] < 1000 * 4 / speeds['one student (1 NFE)']   # cheaper than one student's call
     assert 'routing overhead, eager: MSD with mixed labels gives' in capsys.readouterr().out
 
 
