@@ -598,16 +598,17 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         live.append(row)
         mem[row[0]] = (f'peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB' if device.type == 'cuda' else
                        f'process peak RSS so far {peak_rss_mib():.0f} MiB')     # CPU: the high-water mark over the rows so far
-    faults = ''
-    if device.type == 'cpu' and any(r is rows[1] for r in live):        # page faults of one student's call (keep_freed_memory)
-        import resource
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(2):
-            timed(rows[1][1], rows[1][2])
-        faults = f'{(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 2:.0f}'
     bar = Progress('bench', sum(r[3] for r in live), enabled=device.type == 'cpu')
     times = dict(zip([r[0] for r in live], round_robin_times([r[1:4] for r in live], shape, device, bar)))
     bar.close(sum(r[3] for r in live))
+    faults = ''
+    if device.type == 'cpu' and any(r is rows[1] for r in live):   # one student's page faults per call, after the rounds
+        import resource                                             # (steady state; see keep_freed_memory)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        with torch.no_grad():
+            for _ in range(2):
+                timed(rows[1][1], rows[1][2])
+        faults = f'{(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 2:.0f}'
     print(f'  median of {repeats} calls per one-step row, of 3 for the teacher, timed in rounds (each round calls every row once)'
           + (f'; one student\'s call page-faults {faults} times' if faults else ''))
     out = {}
@@ -661,12 +662,12 @@ def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):
     import partition as P
     shape = (teacher.cfg.img_channels, teacher.cfg.img_resolution, teacher.cfg.img_resolution)
     st, C = msd.students[0], msd.num_classes
-    print(f'scaling on {device}, median of {repeats} calls')
+    print(f'scaling on {device}, median of {repeats} calls ({2 * repeats} rounds for one student against MSD)')
     for b in (1, 16, 64, 256, 1024) + ((4096, 16384) if device.type == 'cuda' else ()):   # one student and MSD, in rounds
         own, mixed = torch.full((b,), msd.groups[0][0], device=device), (torch.arange(b) % C).to(device)
         with torch.no_grad():
             st(torch.randn((b,) + shape, device=device), own), msd(torch.randn((b,) + shape, device=device), mixed)
-        t_one, t_msd = round_robin_times([(st, own, repeats), (msd, mixed, repeats)], shape, device)
+        t_one, t_msd = round_robin_times([(st, own, 2 * repeats), (msd, mixed, 2 * repeats)], shape, device)
         print(f'  batch {b:5d}, one student: {b / median_time(t_one):9.1f} img/s, {1000 * median_time(t_one):8.2f} ms/batch | '
               f'MSD, mixed labels: {b / median_time(t_msd):9.1f} img/s, routing overhead {100 * overhead(t_one, t_msd):5.1f}%')
     labels = (torch.arange(batch) % C).to(device)
