@@ -306,17 +306,21 @@ def keep_freed_memory():
     64, some 20-30% of its time on a 2-core CPU, and a source of call-to-call noise (README,
     BENCHMARKS). A high mmap threshold and no trimming let later calls reuse the memory; the process
     keeps its peak. glibc only: elsewhere (macOS, musl) it does nothing; MSD_RETURN_MEMORY=1 turns it off
-    (to measure what it changes). Returns whether it applied."""
-    import ctypes
+    (to measure what it changes). Returns the mmap threshold set (0: none). Older glibc refuses more
+    than 32 MiB; blocks above the threshold still fault."""
     if os.environ.get('MSD_RETURN_MEMORY') == '1':
-        return False
+        return 0
+    import ctypes
     try:
         mallopt = ctypes.CDLL('libc.so.6').mallopt
     except (OSError, AttributeError):
-        return False
+        return 0
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
-    return bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) and        # the argument is a C int
-                (mallopt(M_MMAP_THRESHOLD, 2 ** 30) or mallopt(M_MMAP_THRESHOLD, 2 ** 25)))
+    for threshold in (2 ** 30, 2 ** 25):
+        if mallopt(M_MMAP_THRESHOLD, threshold):                  # a fixed threshold (no longer adapted), then
+            mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)                # no trimming (the argument is a C int)
+            return threshold
+    return 0
 
 
 def _timer(n, shape, device):
@@ -345,7 +349,8 @@ def images_per_second(gen, shape, labels, device, repeats=3):
 def round_robin_times(gens, shape, device, bar=None):
     """gens: [(gen, labels, calls)], all of one batch size, each already called once (warm-up).
     Seconds of each generator's timed calls, taken in rounds (as many as the most calls): a round calls
-    each generator in turn, and a generator with fewer calls is called in evenly spread rounds. So all
+    each generator in turn (the order reversed every other round, so no generator always follows
+    the same one), and a generator with fewer calls is called in evenly spread rounds. So all
     generators sample the same stretch of machine state, and the ratio of two is taken within rounds
     (`overhead`): a shared CPU varies 10-30% from call to call and drifts over minutes, which cancels
     in a ratio of neighbouring calls. Returns one list per generator, one entry per round (None where
@@ -354,7 +359,7 @@ def round_robin_times(gens, shape, device, bar=None):
     rounds = max(calls for _, _, calls in gens)
     times, done = [[None] * rounds for _ in gens], 0
     for r in range(rounds):
-        for (gen, y, calls), t in zip(gens, times):
+        for (gen, y, calls), t in list(zip(gens, times))[::1 if r % 2 == 0 else -1]:   # order reversed every other round
             if (r + 1) * calls // rounds > r * calls // rounds:     # calls of `calls` spread over the rounds
                 t[r] = timed(gen, y)
                 done += 1
@@ -369,7 +374,10 @@ def median_time(t):
 
 def time_ratio(t_a, t_b):
     """median_r(t_a,r / t_b,r) over the rounds where both ran: how many times longer a takes than b."""
-    return float(np.median([a / b for a, b in zip(t_a, t_b) if a is not None and b is not None]))
+    ratios = [a / b for a, b in zip(t_a, t_b) if a is not None and b is not None]
+    if not ratios:
+        raise ValueError('the two generators ran in no common round')
+    return float(np.median(ratios))
 
 
 def overhead(t_a, t_b):
@@ -482,14 +490,15 @@ def concurrent(msd: MSD, device):
 
     def forward(z, labels, sizes=None):
         order, parts = msd.split(z, labels, sizes)
-        main, outputs = mod.current_stream(), []
+        main, outputs, forked = mod.current_stream(), [], []
         for G, (zk, yk), s in zip(msd.students, parts, streams):
             if len(zk):
                 s.wait_stream(main)                       # fork: the sorted batch is ready
                 with mod.stream(s):
                     outputs.append(G(zk, yk))
-        for s in streams:
-            main.wait_stream(s)                           # join: every student has finished
+                forked.append(s)
+        for s in forked:                                  # join only the forked streams: inside a capture, a
+            main.wait_stream(s)                           # wait on a stream not forked from it is not allowed
         return msd.merge(z, order, outputs)
     return forward
 
@@ -639,10 +648,12 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         over = out['sub-batches alone'] = overhead(times[one_row], times[rows[3][0]])
         print(f'    smaller batches alone: one student on the same {K} sub-batches gives {100 * abs(over):.1f}% '
               f'{"fewer" if over >= 0 else "more"} images/s than on the whole batch')
-    # The routing's own work (look-up, sort, gather, split, concatenation, scatter), with students that
-    # return their input: what MSD adds to K calls on sub-batches.
+    # The routing's own work (look-up, the one host sync for the sub-batch sizes, sort, gather, split,
+    # concatenation, scatter), with students that return their input: what MSD adds to K calls.
     copy = MSD([_Identity() for _ in msd.students], msd.groups, msd.num_classes).to(device)
-    ms = 1000 * float(np.median(round_robin_times([(copy, labels, 20)], shape, device)[0]))
+    with torch.no_grad():
+        timed(copy, labels)                                          # warm-up
+    ms = 1000 * median_time(round_robin_times([(copy, labels, 20)], shape, device)[0])
     out['routing alone, ms'] = ms
     print(f'    routing alone (students that return their input): {ms:.2f} ms per batch'
           + (f', {100 * ms / (1000 * median_time(times[one_row])):.2f}% of one student\'s call' if one_row in times else ''))
@@ -651,7 +662,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
 
 class _Identity(torch.nn.Module):
     def forward(self, z, labels):
-        return z.clone()
+        return z
 
 
 def scaling(msd: MSD, teacher: EDMPrecond, batch, device, repeats=5):
