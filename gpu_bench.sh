@@ -12,7 +12,7 @@
 set -u
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-DEV=${DEV:-cuda}; BATCH=${BATCH:-1024}; PROFILE=${PROFILE:-5}; DEADLINE=${DEADLINE:-420}; PARTS=${PARTS:-bench,profile}
+DEV=${DEV:-cuda}; BATCH=${BATCH:-1024}; PROFILE=${PROFILE:-5}; DEADLINE=${DEADLINE:-520}; PARTS=${PARTS:-bench,profile}
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/bench-log.txt") 2>&1
 echo "== $(date -u) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null) commit $(git rev-parse --short HEAD 2>/dev/null)"
@@ -22,7 +22,7 @@ xz -dc .devbench/train-images-idx3-ubyte.xz > $FM/train-images-idx3-ubyte && cp 
 CK="--ckpt .devbench/msd.pt --teacher checkpoints/fashion-teacher.pt --device $DEV"
 if [[ $PARTS == *bench* ]]; then
 echo "== [$(el) s] bench, batch $BATCH"
-timeout 200 python3 sample.py $CK --bench --scaling --compile --batch $BATCH
+timeout 300 python3 sample.py $CK --bench --scaling --compile --batch $BATCH
 echo "== [$(el) s] bench, batch 64"
 timeout 60 python3 sample.py $CK --bench --batch 64
 fi
