@@ -302,9 +302,8 @@ def keep_freed_memory():
 
     glibc's malloc serves blocks above a threshold (128 KiB, raised on the fly up to 32 MiB) with their
     own mmap and unmaps them on free, and trims the top of its heap. A forward then page-faults fresh,
-    zeroed memory for most activations it allocates: about 40,000 faults per student forward at batch
-    64, some 20-30% of its time on a 2-core CPU, and a source of call-to-call noise (README,
-    BENCHMARKS). A high mmap threshold and no trimming let later calls reuse the memory; the process
+    zeroed memory for most activations it allocates: on a 2-core CPU at batch 256, 429,412 faults per
+    student call and 101.5 against 162.2 images/s (README, BENCHMARKS), and call-to-call noise. A high mmap threshold and no trimming let later calls reuse the memory; the process
     keeps its peak. glibc only: elsewhere (macOS, musl) it does nothing; MSD_RETURN_MEMORY=1 turns it off
     (to measure what it changes). Returns the mmap threshold set (0: none). Older glibc refuses more
     than 32 MiB; blocks above the threshold still fault."""
@@ -565,9 +564,9 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
     split = lambda z, y: [st0(zk, yk) for zk, yk in zip(z.split(sizes), y.split(sizes)) if len(zk)]
     rows.append((f'one student on {K} sub-batches of ~{batch // K} (no routing)', split, own, repeats, st0.net.model))
     rows += [(name, gen, own, repeats, st0.net.model) for name, gen in variants(st0, shape, batch, device, compile_)]
-    one = dict((r[0], r[1]) for r in rows)
+    names = {r[0] for r in rows}
     graphed = []                                      # (how, row name, MSD generator, name of the one-student row it is paired with)
-    if 'one student, bf16 + CUDA graph' in one:       # captures on this device: the routed generator too
+    if 'one student, bf16 + CUDA graph' in names:       # captures on this device: the routed generator too
         graphed.append(('bf16 + CUDA graph', f'MSD, {K} students, mixed labels, bf16 + CUDA graph', GraphedMSD(msd),
                         'one student, bf16 + CUDA graph'))
         graphed.append(('bf16 + CUDA graph, one stream per student', f'MSD, {K} students, mixed labels, bf16 + CUDA graph, '
@@ -577,7 +576,7 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
             rows.append((f'MSD, {K} students stacked (vmap), mixed labels, bf16', lambda z, y: _bf16(stacked, z, y), labels, repeats, None))
             graphed.append(('stacked, bf16 + CUDA graph', f'MSD, {K} students stacked (vmap), mixed labels, bf16 + CUDA graph',
                             GraphedMSD(msd, stacked), 'one student, bf16 + CUDA graph'))
-        if 'one student, torch.compile + bf16 + CUDA graph' in one:
+        if 'one student, torch.compile + bf16 + CUDA graph' in names:
             import copy
             compiled = copy.deepcopy(msd)
             for st in compiled.students:
@@ -628,8 +627,8 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         frac = f' | {100 * flops * ips * (nfe if name.startswith("teacher") else 1) / (peak * 1e12):.2f}% of bf16 peak' if peak and flops else ''
         print(f'  {name:55s} {ips:9.2f} img/s | {1000 * batch / ips:9.1f} ms/batch | {params / 1e6:6.2f}M params'
               + (f' | {flops / 1e9:.3f} GFLOP/forward' if flops else '') + f' | {mem[name]}' + frac, flush=True)
-    # Ratios within rounds: the teacher against one student, and every MSD row against its single-student row.
-    teacher_row, one_row, msd_row = (r[0] for r in rows[:3])
+    # The speed-up from two rows; the overheads within rounds (every MSD row against its single-student row).
+    teacher_row, one_row, msd_row, split_row = (r[0] for r in rows[:4])
     if teacher_row in times and one_row in times:
         # From the two rows: a teacher call lasts a minute on a CPU and averages over machine states that a
         # one-second student call in the same round may catch or miss; both rows are medians over calls
@@ -644,8 +643,8 @@ def bench(msd: MSD, teacher: EDMPrecond, batch, heun_steps, device, widths=(0.76
         print(f'  routing overhead, {how}: MSD with mixed labels gives {100 * abs(over):.1f}% '
               f'{"fewer" if over >= 0 else "more"} images/s than one student (median over {sum(t is not None for t in times[b])} '
               f'rounds; bound: at most 10% fewer: {"holds" if over <= 0.10 else "EXCEEDED"})')
-    if one_row in times and rows[3][0] in times:
-        over = out['sub-batches alone'] = overhead(times[one_row], times[rows[3][0]])
+    if one_row in times and split_row in times:
+        over = out['sub-batches alone'] = overhead(times[one_row], times[split_row])
         print(f'    smaller batches alone: one student on the same {K} sub-batches gives {100 * abs(over):.1f}% '
               f'{"fewer" if over >= 0 else "more"} images/s than on the whole batch')
     # The routing's own work (look-up, the one host sync for the sub-batch sizes, sort, gather, split,
