@@ -36,7 +36,7 @@ from torch import nn
 import sample as S
 from msd import MSD, load_msd
 from student import Student, student_config
-from teacher import count_params, load_teacher
+from teacher import count_params, load_teacher, net_config_from_dict
 
 
 def opt(default, help):
@@ -51,7 +51,9 @@ class GridConfig:
     teacher: str = opt('checkpoints/fashion-teacher.pt', 'the teacher every row distils')
     classifier: str = opt('checkpoints/fashion-classifier.pt', 'Fashion-MNIST classifier (trained here if missing)')
     data: str = opt('', f'Fashion-MNIST IDX folder (default {S.FASHION_DIR})')
-    parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report')
+    parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report, '
+                                          'curves (FID of every snapshot in --curve_runs)')
+    curve_runs: str = opt('', 'comma-separated train.py run folders with snapshots/ (--snapshot_every), for --parts curves')
     device: str = opt('auto', 'auto, cpu or cuda')
     jobs: int = opt(1, 'student trainings run at once (one process each; on a GPU they share it)')
     batch: int = opt(16, 'per-student batch (equal in every row)')
@@ -393,6 +395,39 @@ def evaluate(cfg, results, device):
                 save_results(cfg, results)
 
 
+def curves(cfg, device):
+    """FID of every snapshot of the train.py runs in --curve_runs (fid_samples one-step images against
+    fid_ref training images, the same seeds for every point): how a recipe's FID falls with generator
+    updates. Cached per run folder in curve.json; prints one line per point."""
+    data, inception = S.load_data(cfg.data), Inception(device)
+    ref, _ = reference(cfg, data, inception)
+    labels, seeds = torch.arange(cfg.fid_samples) % data.num_classes, list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
+    for folder in [f for f in cfg.curve_runs.split(',') if f]:
+        path, found = os.path.join(folder, 'curve.json'), {}
+        done = json.load(open(path)) if os.path.exists(path) else {}
+        for name in os.listdir(os.path.join(folder, 'snapshots')):          # {stage}-student{k}-step{n}.pt
+            stage, k, step = name[:-3].split('-')
+            found.setdefault((stage, int(step[4:])), []).append(os.path.join(folder, 'snapshots', name))
+        dm_steps = json.load(open(os.path.join(folder, 'config.json')))['dm_steps']
+        for (stage, step), files in sorted(found.items(), key=lambda kv: (kv[0][0] == 'adm', kv[0][1])):
+            key = f'{stage}:{step}'
+            recs = [torch.load(f, map_location='cpu', weights_only=True) for f in sorted(files)]
+            if key not in done and len(recs) == len(recs[0]['partition']):    # every student saved at this step
+                students = []
+                for r in recs:
+                    students.append(Student(net_config_from_dict(r['net'])))
+                    students[-1].load_state_dict(r['state_dict'])
+                msd = MSD(students, recs[0]['partition'], data.num_classes).to(device).eval()
+                images = S.generate(msd, seeds, labels, tuple(data.shape), device)
+                done[key] = dict(updates=step + (dm_steps if stage == 'adm' else 0),
+                                 fid=frechet(inception.features(images, f'{os.path.basename(folder)} {key}'), ref))
+                with open(path, 'w') as f:
+                    json.dump(done, f, indent=1)
+            if key in done:
+                print(f'{folder} {key}: {done[key]["updates"]} generator updates, FID {done[key]["fid"]:.2f} '
+                      f'({cfg.fid_samples} samples vs {len(ref)})', flush=True)
+
+
 def save_results(cfg, results):
     path = os.path.join(cfg.out, 'results.json')
     with open(path + '.tmp', 'w') as f:
@@ -520,9 +555,9 @@ def report(cfg, results):
 
 def main(cfg: GridConfig, argv):
     parts = [p.strip() for p in cfg.parts.split(',') if p.strip()]
-    bad = [p for p in parts if p not in ('features', 'train', 'eval', 'report')]
+    bad = [p for p in parts if p not in ('features', 'train', 'eval', 'report', 'curves')]
     if bad:
-        raise ValueError(f'unknown part {bad[0]!r}: choose from features, train, eval, report')
+        raise ValueError(f'unknown part {bad[0]!r}: choose from features, train, eval, report, curves')
     if ('train' in parts or 'eval' in parts) and not os.path.exists(cfg.teacher):
         raise FileNotFoundError(f'no teacher at {cfg.teacher} (train one: python train.py --stages teacher)')
     os.makedirs(cfg.out, exist_ok=True)
@@ -542,6 +577,8 @@ def main(cfg: GridConfig, argv):
         evaluate(cfg, results, device)
     if 'report' in parts:
         report(cfg, results)
+    if 'curves' in parts:
+        curves(cfg, device)
 
 
 def cli(argv=None):
