@@ -18,7 +18,7 @@ from torch import nn
 
 import partition as P
 from student import Student
-from teacher import net_config_from_dict, read_checkpoint
+from teacher import LIMITS, check_weights, net_config_from_dict, read_checkpoint
 
 
 class MSD(nn.Module):
@@ -74,13 +74,35 @@ def msd_checkpoint(students, groups, num_classes, config: dict, **extra) -> dict
 
 
 def load_msd(path, map_location='cpu', num_classes=None) -> MSD:
-    """Load an MSD checkpoint; refuses other kinds of file and, if given, another label count."""
+    """Load an MSD checkpoint; refuses other kinds of file and, if given, another label count. The label
+    count, partition and student count are checked before any student is built, and each student's
+    weights against its settings (teacher.check_weights), so a small file cannot ask for a large model."""
     ckpt = read_checkpoint(path, 'msd', map_location)
-    if num_classes is not None and ckpt['num_classes'] != num_classes:
-        raise ValueError(f'{path} was trained for {ckpt["num_classes"]} classes, this data has {num_classes}')
-    students = []
-    for s in ckpt['students']:
-        st = Student(net_config_from_dict(s['net']), ckpt['sigma_max'])
-        st.load_state_dict(s['state_dict'])
-        students.append(st)
-    return MSD(students, ckpt['partition'], ckpt['num_classes']).eval().requires_grad_(False)
+    C, groups, records, sigma_max = (ckpt.get(k) for k in ('num_classes', 'partition', 'students', 'sigma_max'))
+    if type(C) is not int or not 1 <= C <= LIMITS['label_dim'][1]:
+        raise ValueError(f'{path}: num_classes must be an integer in 1..{LIMITS["label_dim"][1]}')
+    if num_classes is not None and C != num_classes:
+        raise ValueError(f'{path} was trained for {C} classes, this data has {num_classes}')
+    if type(sigma_max) not in (int, float) or not 0 < sigma_max <= 1000:
+        raise ValueError(f'{path}: sigma_max must be a number in (0, 1000]')
+    try:
+        groups = P.validate(groups, C)
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
+    if not isinstance(records, list) or len(records) != len(groups):
+        raise ValueError(f'{path}: the students do not match the partition of {len(groups)} groups')
+    students = [load_student(s, sigma_max, C, f'{path}: student {k}') for k, s in enumerate(records)]
+    return MSD(students, groups, C).eval().requires_grad_(False)
+
+
+def load_student(record, sigma_max, num_classes, where) -> Student:
+    """A Student from {'net': NetConfig dict, 'state_dict': ...}, checked before it is built."""
+    if not isinstance(record, dict):
+        raise ValueError(f'{where} is not a dict')
+    cfg = net_config_from_dict(record.get('net'), where)
+    if cfg.label_dim != num_classes:
+        raise ValueError(f'{where} is for {cfg.label_dim} classes, not {num_classes}')
+    check_weights(cfg, record.get('state_dict'), where, prefix='net.')
+    student = Student(cfg, float(sigma_max))
+    student.load_state_dict(record['state_dict'])
+    return student

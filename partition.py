@@ -12,6 +12,9 @@ table lookup, so one-step sampling still costs one network evaluation.
 A partition is plain data, a list of K lists of class indices, saved in every checkpoint.
 Run: python -c "import partition; print(partition.make_partition('contiguous', 10, 4))"
 """
+import collections
+import operator
+
 import torch
 
 STRATEGIES = ('contiguous', 'random', 'kmeans')
@@ -23,20 +26,35 @@ def group_sizes(num_classes, k):
 
 
 def validate(groups, num_classes):
-    """Every class exactly once, no empty student, 1 <= K <= num_classes. Raises ValueError."""
+    """Every class exactly once, no empty student, 1 <= K <= num_classes. Raises ValueError.
+    Linear in the number of labels listed, which must not exceed twice the number of classes."""
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in groups):
+        raise ValueError('a partition must be a list of lists of class indices')
     k = len(groups)
     if not 1 <= k <= num_classes:
         raise ValueError(f'number of students must be between 1 and the number of classes ({num_classes}), got {k}')
-    flat = [int(c) for g in groups for c in g]
     if any(len(g) == 0 for g in groups):
         raise ValueError('partition has an empty student')
-    missing = sorted(set(range(num_classes)) - set(flat))
-    extra = sorted(set(flat) - set(range(num_classes)))
-    repeated = sorted({c for c in flat if flat.count(c) > 1})
+    if sum(map(len, groups)) > 2 * num_classes:
+        raise ValueError(f'partition lists {sum(map(len, groups))} labels for {num_classes} classes')
+    try:
+        flat = [operator.index(c) for g in groups for c in g]
+    except TypeError:
+        raise ValueError('a partition must be a list of lists of class indices') from None
+    counts = collections.Counter(flat)
+    missing = [c for c in range(num_classes) if c not in counts]
+    extra = sorted(c for c in counts if not 0 <= c < num_classes)
+    repeated = sorted(c for c, n in counts.items() if n > 1)
     if missing or extra or repeated:
         raise ValueError(f'partition must hold every class 0..{num_classes - 1} exactly once '
-                         f'(missing {missing}, out of range {extra}, repeated {repeated})')
+                         f'(missing {_few(missing)}, out of range {_few(extra)}, repeated {_few(repeated)})')
     return [[int(c) for c in g] for g in groups]
+
+
+def _few(xs, n=10):
+    """Class indices for a message: the first n, absurdly long numbers (from a file) cut."""
+    shown = ', '.join(str(x) if abs(x) < 10 ** 9 else '(huge)' for x in xs[:n])
+    return f'[{shown}{", ..." if len(xs) > n else ""}]'
 
 
 def contiguous(num_classes, k):

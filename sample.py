@@ -756,8 +756,8 @@ def main(argv=None):
     if args.bench:
         if not isinstance(gen, MSD):
             raise ValueError('--bench needs an MSD checkpoint')
-        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
-        tpath = args.teacher or ckpt.get('teacher', '')
+        tpath = args.teacher or read_checkpoint(args.ckpt, 'msd').get('teacher', '')
+        tpath = tpath if isinstance(tpath, str) else ''
         if not tpath or not os.path.exists(tpath):
             raise FileNotFoundError(f'--bench needs the teacher: give --teacher (recorded path {tpath!r} not found)')
         teacher = load_teacher(tpath).to(device)

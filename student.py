@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from teacher import EDMPrecond, GroupNorm, NetConfig, build_net
+from teacher import EDMPrecond, GroupNorm, NetConfig, build_net, float32_region
 
 
 def student_config(teacher_cfg: NetConfig, width: float = 1.0) -> NetConfig:
@@ -65,7 +65,8 @@ class Student(nn.Module):
 class GANHead(nn.Module):
     """DMD2's classifier head on the encoder bottleneck [N, C, r, r] -> one logit per image:
     Conv4x4/s2 -> GN -> SiLU -> Conv(k=s=r') -> GN -> SiLU -> Conv1x1, where r' is the side after the
-    first conv (at ImageNet-64: 8x8x768 -> 4x4 -> 1x1, DMD2's Conv4x4/s4)."""
+    first conv (at ImageNet-64: 8x8x768 -> 4x4 -> 1x1, DMD2's Conv4x4/s4). It computes in float32 (DMD2
+    casts the bottleneck to float32 before its head), also inside a bf16 autocast region."""
 
     def __init__(self, channels, resolution):
         super().__init__()
@@ -78,7 +79,8 @@ class GANHead(nn.Module):
             nn.Conv2d(channels, 1, 1))
 
     def forward(self, h):
-        return self.layers(h).flatten()
+        with float32_region(h.device):        # the realism logit in float32, also under bf16 autocast
+            return self.layers(h.float()).flatten()
 
 
 class FakeScore(nn.Module):

@@ -8,6 +8,8 @@ import io
 import json
 import math
 import os
+import re
+import struct
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ import partition as P
 import sample as S
 from msd import MSD, load_msd, msd_checkpoint
 from student import FakeScore, GANHead, Student, student_config
-from teacher import NetConfig, build_net, heun_sampler, load_teacher, seeded_noise, teacher_checkpoint
+from teacher import EDMPrecond, NetConfig, build_net, heun_sampler, load_teacher, seeded_noise, teacher_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = NetConfig(img_resolution=8, img_channels=1, label_dim=6, model_channels=8, channel_mult=(1, 2),
@@ -135,11 +137,23 @@ def test_dm_gradient_equals_formula_and_vanishes_when_fake_is_real():
 
 
 def test_sigma_grid_is_karras_ascending():
+    """DMD2's grid: EDM's Karras schedule (rho 7) from 0.002 to 80, ascending, checked at interior points too."""
     grid = L.sigma_grid(1000)
     assert abs(grid[0].item() - 0.002) < 1e-6 and abs(grid[-1].item() - 80) < 1e-3
     assert (grid[1:] > grid[:-1]).all()
+    for i in (1, 100, 500, 900, 998):              # ascending index i = descending index 999 - i of EDM eq. 5
+        karras = (80 ** (1 / 7) + (999 - i) / 999 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+        assert abs(grid[i].item() / karras - 1) < 1e-5, i
+    assert abs(grid[500].item() - 2.5265) < 1e-3                       # the middle of the grid (rho 1 would give 40)
     sig = L.sample_grid_sigma(10000, grid, 0.02, 0.98)
     assert sig.min() >= grid[20] and sig.max() <= grid[980]
+
+
+def test_edm_sigma_is_lognormal():
+    """EDM's training noise levels: ln(sigma) ~ N(P_mean = -1.2, P_std = 1.2^2) (EDM Table 1)."""
+    torch.manual_seed(0)
+    log = L.sample_edm_sigma(100000, 'cpu').log()
+    assert abs(log.mean().item() + 1.2) < 0.02 and abs(log.std().item() - 1.2) < 0.02
 
 
 def test_edm_and_tsm_losses_closed_form():
@@ -152,15 +166,32 @@ def test_edm_and_tsm_losses_closed_form():
     sigma = torch.full((4, 1, 1, 1), 2.0)
     off = lambda x_t, sigma, y: x0 + 0.1
     torch.testing.assert_close(L.tsm_loss(off, perfect, x0, None, sigma=sigma), L.edm_weight(sigma).flatten() * 0.01)
+    # EDM eq. 8's weighting lambda = 1/sigma^2 + 1/sd^2 at two noise levels, in edm_loss and in the fake score's
+    # loss (DMD2: the same weighting, sigma from the grid; here a grid holding only that sigma).
+    for s, lam in ((0.05, 404.0), (20.0, 4.0025)):
+        expected = torch.full((4,), lam * 0.01)
+        torch.testing.assert_close(L.edm_loss(off, x0, None, sigma=torch.full((4, 1, 1, 1), s)), expected)
+        torch.testing.assert_close(L.fake_score_loss(off, x0, None, torch.full((1000,), s)), expected)
+    assert not L.fake_score_loss(off, x0.clone().requires_grad_(), None, L.sigma_grid()).requires_grad   # no grad to G
 
 
 def test_gan_losses_closed_form():
+    """DMD2's GAN losses: softplus(D(fake)) + softplus(-D(real)) for the critic, softplus(-D(fake)) for the
+    generator; with a critic that scores an image by its mean, the critic loss is small when it scores real
+    images above fake ones, and only the generator loss passes gradient into the generated images."""
     grid = L.sigma_grid()
     x = torch.randn(2, 1, 4, 4)
     const = lambda v: (lambda x_t, sigma, y: torch.full((x_t.shape[0],), v))
     sp = lambda v: math.log1p(math.exp(v))
     torch.testing.assert_close(L.gan_critic_loss(const(0.5), x, None, x, None, grid), torch.full((2,), sp(0.5) + sp(-0.5)))
     torch.testing.assert_close(L.gan_generator_loss(const(2.0), x, None, grid), torch.full((2,), sp(-2.0)))
+    quiet = torch.full((1000,), 1e-6)                                   # re-noising that changes nothing
+    mean = lambda x_t, sigma, y: x_t.flatten(1).mean(1)
+    real, fake = torch.full((2, 1, 4, 4), 2.0), torch.full((2, 1, 4, 4), -2.0, requires_grad=True)
+    torch.testing.assert_close(L.gan_critic_loss(mean, real, None, fake, None, quiet), torch.full((2,), 2 * sp(-2.0)))
+    assert not L.gan_critic_loss(mean, real, None, fake, None, quiet).requires_grad      # critic side: x_fake detached
+    L.gan_generator_loss(mean, fake, None, quiet).sum().backward()
+    torch.testing.assert_close(fake.grad, torch.full_like(fake, -torch.sigmoid(torch.tensor(2.0)).item() / 16))
 
 
 def test_gan_head_shapes():
@@ -168,6 +199,365 @@ def test_gan_head_shapes():
     assert GANHead(64, 7)(torch.randn(3, 64, 7, 7)).shape == (3,)         # Fashion-MNIST bottleneck
     fake = FakeScore(build_net(TINY))
     assert fake.critic(torch.randn(3, 1, 8, 8), torch.ones(3), torch.tensor([0, 1, 2])).shape == (3,)
+
+
+# ---------------------------------------------------------------- the training loop
+
+class SpyNet(torch.nn.Module):
+    """Stands in for the teacher or the fake score: denoiser D(x, sigma, y) = b + s x and GAN critic logit
+    c mean(x) / 1000, with learnable b (an image), s and c. Records every call: which of the two, x, sigma,
+    labels, whether x requires grad, grad mode, train/eval mode and whether its parameters were frozen."""
+    sigma_data = 0.5
+
+    def __init__(self, b=0.0, c=0.0):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.as_tensor(b, dtype=torch.float32).expand(1, 4, 4).clone())
+        self.s = torch.nn.Parameter(torch.zeros(()))
+        self.c = torch.nn.Parameter(torch.tensor(float(c)))
+        self.calls = []
+
+    def record(self, role, x, sigma, labels):
+        self.calls.append(dict(role=role, x=x.detach().clone(), sigma=sigma.detach().flatten().clone(),
+                               labels=labels.clone(), x_grad=x.requires_grad, grad_mode=torch.is_grad_enabled(),
+                               training=self.training, frozen=not any(p.requires_grad for p in self.parameters())))
+
+    def forward(self, x, sigma, labels):
+        self.record('denoise', x, sigma, labels)
+        return self.b + self.s * x
+
+    def critic(self, x, sigma, labels):
+        self.record('critic', x, sigma, labels)
+        return self.c * x.flatten(1).mean(1) / 1000
+
+    def seen(self, role, **flags):
+        return [c for c in self.calls if c['role'] == role and all(c[k] == v for k, v in flags.items())]
+
+
+class SpyGenerator(torch.nn.Module):
+    """G(z, y) = x for every z (x a learnable image), with a SpyNet as its denoiser `net` (for TSM);
+    records the labels it is asked for and the grad mode."""
+
+    def __init__(self, x=0.0, b=0.0):
+        super().__init__()
+        self.x = torch.nn.Parameter(torch.as_tensor(x, dtype=torch.float32).expand(1, 4, 4).clone())
+        self.net = SpyNet(b)
+        self.calls = []
+
+    def forward(self, z, labels):
+        self.calls.append(dict(labels=labels.clone(), grad_mode=torch.is_grad_enabled()))
+        return self.x + 0 * z
+
+
+class ClassImages:
+    """Six classes of 1x4x4 images filled with 1000 (label + 1): an image's class can be read from its
+    mean at every noise level of the grid (80 / sqrt(16) << 1000)."""
+    num_classes, shape, labels = 6, (1, 4, 4), torch.arange(6).repeat(5)
+
+    def get(self, idx):
+        y = self.labels[idx]
+        return (1000.0 * (y + 1)).reshape(-1, 1, 1, 1).expand(-1, *self.shape).clone(), y
+
+
+class Recorder(torch.optim.SGD):
+    """SGD at learning rate 0 that records every parameter's gradient at each step (None: it got none), so
+    the spies stay as they are and each update's gradient can be checked against its closed form."""
+
+    def __init__(self, module):
+        self.named = dict(module.named_parameters())
+        super().__init__(module.parameters(), lr=0.0)
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads.append({n: None if p.grad is None else p.grad.clone() for n, p in self.named.items()})
+        return super().step(closure)
+
+
+OWN = [1, 3, 5]                         # the classes of student 1 in the spy runs
+
+
+def spy_run(G, teacher, fake, **cfg):
+    """A StudentRun of student 1 (classes OWN) on ClassImages, and recording optimisers for G and the fake score."""
+    import train
+    run = train.StudentRun(train.Config(**{'batch': 64, 'ratio': 3, 'clip': math.inf, **cfg}), train.Dist(), 1, OWN,
+                           ClassImages(), teacher, None, 1)
+    go, fo = Recorder(G), Recorder(fake)
+    const = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0)
+    return run, go, const(go), fo, const(fo)
+
+
+def own_images(call):
+    """The call's images are real images of the student's own classes, labelled with their class."""
+    label = (call['x'].flatten(1).mean(1) / 1000).round() - 1
+    return torch.equal(label, call['labels'].float()) and set(call['labels'].tolist()) <= set(OWN)
+
+
+def grid_index(run, calls):
+    """The grid indices of the calls' noise levels, each of which must be a grid value."""
+    sigma = torch.cat([c['sigma'] for c in calls])
+    i = torch.searchsorted(run.grid, sigma)
+    assert torch.equal(run.grid[i.clamp(max=999)], sigma), 'a noise level off the grid'
+    return i
+
+
+def renoised(calls, clean):
+    """The calls' inputs are clean images plus sigma times standard normal noise, at the sigma they were given."""
+    eps = torch.cat([(c['x'] - clean(c)) / c['sigma'].reshape(-1, 1, 1, 1) for c in calls])
+    return abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1
+
+
+@pytest.mark.parametrize('adm', [False, True], ids=['dm', 'adm'])
+def test_distill_iteration_roles_noise_levels_and_classes(adm):
+    """DMD2's loop: `ratio` critic updates, then one generator update whose DM gradient asks D_real (the teacher,
+    frozen, in eval mode) and D_fake (the fake score, frozen) at the same x_t, grid sigma in [2%, 98%]; the fake
+    score's loss and the GAN critic see the whole grid; every network sees only the student's own classes,
+    and the critic's real images are images of those classes (MSD sec. 3.2)."""
+    import train
+    torch.manual_seed(0)
+    G, teacher, fake = SpyGenerator(-1000.0), SpyNet(0.5).train(), SpyNet(0.5, c=1.0)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake)
+    for _ in range(2):
+        train.distill_iteration(run, G, fake, go, gs, fo, fs, adm)
+    ratio = run.cfg.ratio
+    assert len(fo.grads) == 2 * ratio and len(go.grads) == 2                    # TTUR: ratio critic updates per G update
+    assert [c['grad_mode'] for c in G.calls] == ([False] * ratio + [True]) * 2  # critic steps generate without grad
+    # D_real: the teacher, once per generator step, frozen and in eval mode, at grid sigmas in [2%, 98%].
+    assert len(teacher.calls) == 2 and all(c['role'] == 'denoise' and not c['training'] and c['frozen'] for c in teacher.calls)
+    i = grid_index(run, teacher.calls)
+    assert i.min() >= 20 and i.max() <= 980 and i.min() < 100 and i.max() > 900
+    generated = lambda c: -1000.0                                               # G(z) = -1000 everywhere
+    assert renoised(teacher.calls, generated)
+    # D_fake: the fake score at the same x_t and sigma, frozen during the generator step.
+    dm = fake.seen('denoise', grad_mode=False)
+    assert len(dm) == 2 and all(c['frozen'] for c in dm)
+    assert all(torch.equal(d['x'], t['x']) and torch.equal(d['sigma'], t['sigma']) for d, t in zip(dm, teacher.calls))
+    # The fake score's own loss: generated images (detached), sigma over the whole grid.
+    own = fake.seen('denoise', grad_mode=True)
+    assert len(own) == 2 * ratio and not any(c['x_grad'] or c['frozen'] for c in own)
+    i = grid_index(run, own)
+    assert i.min() < 20 and i.max() > 980 and renoised(own, generated)
+    critic = fake.seen('critic')
+    if adm:      # per critic update one call on real and one on fake images; one in the generator step
+        on_real = [c for c in critic if c['x'].mean() > 0]
+        assert len(on_real) == 2 * ratio and all(own_images(c) and not c['x_grad'] for c in on_real)
+        gen = fake.seen('critic', x_grad=True)
+        assert len(critic) == 4 * ratio + 2 and len(gen) == 2 and all(c['frozen'] for c in gen)
+        i = grid_index(run, critic)
+        assert i.min() < 20 and i.max() > 980                                   # DMD2: re-noised over the whole grid
+        real = lambda c: 1000.0 * (c['labels'] + 1).reshape(-1, 1, 1, 1)
+        assert renoised(on_real, real) and renoised([c for c in critic if c['x'].mean() < 0], generated)
+    else:
+        assert not critic
+    labels = [c['labels'] for c in G.calls + teacher.calls + fake.calls]
+    assert set(torch.cat(labels).tolist()) == set(OWN)                          # all own classes, no other
+    same = lambda calls, gen: len(calls) == len(gen) and all(torch.equal(c['labels'], g['labels']) for c, g in zip(calls, gen))
+    assert same(own, [g for g in G.calls if not g['grad_mode']]) and same(dm, [g for g in G.calls if g['grad_mode']])
+    if adm:                                                                     # generated images keep their labels
+        assert same([c for c in critic if c['x'].mean() < 0 and not c['x_grad']], [g for g in G.calls if not g['grad_mode']])
+        assert same(gen, [g for g in G.calls if g['grad_mode']])
+
+
+@pytest.mark.parametrize('adm', [False, True], ids=['dm', 'adm'])
+def test_generator_step_moves_toward_the_teacher(adm):
+    """Known answer: with D_real = a and D_fake = b (constants), the generator's gradient is
+    (b - a) / mean|x - a| per pixel / numel (DMD eq. 7-8), so a descent step moves x toward the teacher's
+    denoised estimate a; the fake score gets no gradient (its critic has c = 0: no GAN gradient either)."""
+    import train
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
+    G, teacher, fake = SpyGenerator(torch.randn(1, 4, 4)), SpyNet(a), SpyNet(b)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake)
+    train.generator_step(run, G, fake, go, gs, adm)
+    x = G.x.detach()
+    torch.testing.assert_close(go.grads[0]['x'], (b - a) / (x - a).abs().mean() / 16)
+    assert all(p.grad is None for p in fake.parameters()) and all(p.requires_grad for p in fake.parameters())
+
+
+def test_generator_gan_term_reaches_the_generator_through_the_frozen_critic():
+    """ADM's generator loss softplus(-D(G(z))) (DMD2): with D_fake = D_real (no DM gradient) and a critic
+    logit c mean(x_t) / 1000, the generator's gradient is -w sigmoid(-logit) c / 1000 / numel, i.e. it moves
+    toward what the critic calls real, while the critic's parameters are frozen and get no gradient."""
+    import train
+    torch.manual_seed(0)
+    image = torch.randn(1, 4, 4)
+    G, teacher, fake = SpyGenerator(torch.randn(1, 4, 4)), SpyNet(image), SpyNet(image, c=1.0)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake)
+    train.generator_step(run, G, fake, go, gs, adm=True)
+    call, = fake.seen('critic')
+    assert call['x_grad'] and call['frozen']
+    logit = call['x'].flatten(1).mean(1) / 1000
+    expected = -run.cfg.gan_gen_weight * torch.sigmoid(-logit).mean() / 1000 / 16
+    torch.testing.assert_close(go.grads[0]['x'], torch.full((1, 4, 4), expected.item()))
+    assert all(p.grad is None for p in fake.parameters())
+
+
+def test_critic_step_scores_real_above_fake_and_leaves_the_generator_alone():
+    """The critic update (DMD2): the fake score's denoising loss on generated images has gradient
+    mean(lambda(sigma)) 2 (b - x) / numel in b (lambda = 1/sigma^2 + 1/sd^2); the GAN critic's,
+    w (mean h_fake - mean h_real) / 2 in c at c = 0, so descent raises the score of real images (the
+    student's own) above fake ones; the generator runs without grad and gets none."""
+    import train
+    torch.manual_seed(0)
+    G, teacher, fake = SpyGenerator(-1000.0), SpyNet(0.0), SpyNet(0.0)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake)
+    train.critic_step(run, G, fake, fo, fs, adm=True)
+    own, = fake.seen('denoise')
+    lam = 1 / own['sigma'] ** 2 + 4
+    torch.testing.assert_close(fo.grads[0]['b'], (lam.mean() * 2 * 1000 / 16).expand(1, 4, 4), rtol=1e-4, atol=0)
+    real, = [c for c in fake.seen('critic') if c['x'].mean() > 0]
+    generated, = [c for c in fake.seen('critic') if c['x'].mean() < 0]
+    assert own_images(real) and set(generated['labels'].tolist()) <= set(OWN) and not generated['x_grad']
+    h = lambda call: call['x'].flatten(1).mean(1) / 1000
+    expected = run.cfg.gan_critic_weight * (h(generated) - h(real)).mean() / 2
+    assert expected < 0
+    torch.testing.assert_close(fo.grads[0]['c'], expected)
+    assert all(p.grad is None for p in G.parameters()) and not G.calls[0]['grad_mode']
+
+
+def test_tsm_step_regresses_the_teacher():
+    """TSM (MSD sec. 3.3): the student's denoiser and the teacher see the same x_t (real images of the
+    student's own classes plus noise at EDM's log-normal sigma) and labels; the target is the teacher's
+    output a, so the gradient in the student's b is mean(lambda(sigma)) 2 (b - a) / numel."""
+    import train
+    torch.manual_seed(0)
+    a = torch.randn(1, 4, 4)
+    G, teacher = SpyGenerator(b=torch.randn(1, 4, 4)), SpyNet(a).train()
+    run, go, gs, fo, fs = spy_run(G, teacher, SpyNet(), batch=2000)
+    train.tsm_step(run, G, go, gs)
+    (t,), (s,) = teacher.calls, G.net.calls
+    assert not t['training'] and not t['grad_mode'] and own_images(t)
+    assert all(torch.equal(t[k], s[k]) for k in ('x', 'sigma', 'labels'))
+    log = t['sigma'].log()
+    assert abs(log.mean() + 1.2) < 0.1 and abs(log.std() - 1.2) < 0.1
+    lam = 1 / t['sigma'] ** 2 + 4
+    torch.testing.assert_close(go.grads[0]['net.b'], lam.mean() * 2 * (G.net.b.detach() - a) / 16, rtol=1e-4, atol=0)
+
+
+def test_students_and_fake_score_start_from_the_teacher(tmp_path):
+    """DMD / DMD2: a same-size student and the fake score start as copies of the teacher (a smaller student
+    starts untrained, for TSM); the teacher loads frozen and in eval mode."""
+    import train
+    teacher = randomize(build_net(TINY)).eval()
+    for width in (1.0, 0.5):
+        G, fake = train.build_pair(train.Config(student_width=width), teacher, torch.device('cpu'))
+        assert all(torch.equal(v, fake.net.state_dict()[k]) for k, v in teacher.state_dict().items())
+        copy = G.net.cfg == student_config(TINY) and all(torch.equal(v, G.net.state_dict()[k]) for k, v in teacher.state_dict().items())
+        assert copy == (width == 1.0) and G.training and fake.training
+    torch.save(teacher_checkpoint(teacher), tmp_path / 'teacher.pt')
+    loaded = load_teacher(str(tmp_path / 'teacher.pt'))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+FLAT = NetConfig(img_resolution=8, img_channels=1, label_dim=6, model_channels=8, channel_mult=(1,), num_blocks=0,
+                 attn_resolutions=(), dropout=0.0, channels_per_head=8)      # one level: the cheapest real network
+
+
+class RecordingTeacher(EDMPrecond):
+    """An EDM teacher that records the labels it is asked about and whether it was in train mode."""
+
+    def forward(self, x, sigma, labels=None, return_bottleneck=False):
+        self.__dict__.setdefault('seen', []).append((labels.tolist(), self.training))
+        return super().forward(x, sigma, labels, return_bottleneck)
+
+
+def test_train_student_uses_own_classes_and_stage_learning_rates(tmp_path):
+    """train_student for student 1 of a non-contiguous partition, every stage (smaller student), ADM in a later
+    call: the teacher only ever sees that student's classes and is never in train mode; the saved student names
+    them; each stage starts from the last one's weights (ADM from DM's checkpoint) and TSM, DM and ADM optimise
+    at tsm_lr, lr and adm_lr (DMD2's resumed GAN stage runs at its own learning rate)."""
+    import train
+    torch.manual_seed(0)
+    teacher = randomize(RecordingTeacher(FLAT)).train()
+    data = S.ImageData(torch.arange(6).repeat(4), 6, (1, 8, 8), images=torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8))
+    cfg = train.Config(out=str(tmp_path), students=2, student_width=0.5, batch=2, ratio=1, tsm_steps=1, dm_steps=1,
+                       adm_steps=1, warmup=1, lr=1e-4, adm_lr=3e-5, tsm_lr=5e-4, grid_every=0)
+    groups = [[0, 2, 4], [1, 3, 5]]
+    for d in ('ckpt', 'grids'):
+        os.makedirs(tmp_path / d)
+    train.train_student(cfg, train.Dist(), 1, groups, data, teacher, ['tsm', 'dm'], None, 1)
+    train.train_student(cfg, train.Dist(), 1, groups, data, teacher, ['adm'], None, 1)    # ADM in a later run
+    labels = {c for seen, _ in teacher.seen for c in seen}
+    assert labels == set(groups[1]) and not any(mode for _, mode in teacher.seen)
+    assert torch.load(tmp_path / 'student1.pt', weights_only=True)['classes'] == groups[1]
+    before = None
+    for stage, lr in (('tsm', cfg.tsm_lr), ('dm', cfg.lr), ('adm', cfg.adm_lr)):
+        state = torch.load(train.stage_path(cfg, stage, 1), weights_only=True)
+        assert state['opt_G']['param_groups'][0]['initial_lr'] == lr, stage
+        if stage != 'tsm':
+            assert state['opt_fake']['param_groups'][0]['initial_lr'] == lr, stage
+        if before is not None:          # each stage continues from the last: one AdamW step moves a weight <= ~lr
+            for net in ('G', 'fake'):
+                assert all((v - before[net][k]).abs().max() <= 1.5 * lr for k, v in state[net].items()), (stage, net)
+        before = state
+    presets = train.PRESETS
+    assert (presets['imagenet64'].lr, presets['imagenet64'].adm_lr, presets['fashion'].adm_lr) == (2e-6, 5e-7, 0.0)
+
+
+def test_attention_logits_and_gan_head_in_float32_under_bf16_autocast():
+    """Inside a bf16 autocast region the attention logits and their softmax (EDM) and the GAN head (DMD2)
+    still compute in float32, while the convolutions around them run in bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ops.append((func.__name__, [a.dtype for a in args if isinstance(a, torch.Tensor)], getattr(out, 'dtype', None),
+                        tuple(getattr(out, 'shape', ()))))
+            return out
+    fake = FakeScore(randomize(build_net(TINY)))
+    head_dtypes = []
+    for m in fake.head.modules():
+        if not list(m.children()):
+            m.register_forward_hook(lambda m, i, o: head_dtypes.append(o.dtype))
+    ops = []
+    x, s, y = torch.randn(3, 1, 8, 8), torch.full((3,), 2.0), torch.tensor([0, 1, 2])
+    with torch.autocast('cpu', dtype=torch.bfloat16), Ops():
+        fake(x, s, y)
+        logit = fake.critic(x, s, y)
+    logits = [o for o in ops if o[3][-2:] == (16, 16) and 'bmm' in o[0]]              # 4x4 attention: 16 x 16 logits
+    softmax = [o for o in ops if 'softmax' in o[0]]
+    assert logits and softmax and all(o[2] == torch.float32 and set(o[1]) == {torch.float32} for o in logits + softmax)
+    assert any(o[2] == torch.bfloat16 for o in ops if 'convolution' in o[0])           # autocast was on
+    assert head_dtypes and set(head_dtypes) == {torch.float32} and logit.dtype == torch.float32
+
+
+def test_optimiser_clips_warms_up_and_is_dmd2s_adamw():
+    """DMD2's optimiser: AdamW, betas (0.9, 0.999), weight decay; the gradient norm clipped to --clip; a
+    linear warm-up over --warmup iterations, which the generator (one step per `ratio` iterations) covers
+    in warmup / ratio of its own steps."""
+    import train
+    cfg = train.Config(clip=10.0, warmup=10, weight_decay=0.01)
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt, sched = train.make_optimizer([p], 1e-3, cfg, steps_per_update=5)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults['betas'] == (0.9, 0.999) and opt.defaults['weight_decay'] == 0.01
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]['lr'])
+        p.grad = torch.ones(4)
+        train.step_optimizer(opt, sched, [p], cfg)
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
+    sgd = torch.optim.SGD([p], lr=1.0)
+    before, p.grad = p.detach().clone(), torch.full((4,), 100.0)                      # norm 200
+    gn, _ = train.step_optimizer(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0), [p], cfg)
+    assert gn == pytest.approx(200) and (p.detach() - before).norm().item() == pytest.approx(10, rel=1e-4)
+
+
+def test_regression_pairs_span_all_classes_and_pull_toward_the_teacher(tmp_path):
+    """DMD's regression term, kept by MSD's DM stage on the full paired set (every class, MSD Fig. 8): pairs are
+    (z, y, the teacher's Heun sample from z); with D_fake = D_real it alone moves the generator, by the
+    gradient w 2 (x - x_pair) / numel of the pixel L2."""
+    import train
+    teacher = randomize(build_net(FLAT)).eval()
+    os.makedirs(tmp_path / 'ckpt')
+    cfg = train.Config(out=str(tmp_path), regression_pairs=12, heun_steps=2)
+    pairs = train.regression_pairs(cfg, train.Dist(), teacher, 6, (1, 8, 8))
+    assert sorted(pairs['y'].tolist()) == sorted(list(range(6)) * 2)
+    torch.testing.assert_close(pairs['x'], S.heun(teacher, pairs['z'], pairs['y'], 2))
+    image, target = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
+    G, teacher, fake = SpyGenerator(torch.randn(1, 4, 4)), SpyNet(image), SpyNet(image)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake, regression_weight=0.25)
+    spy_pairs = dict(z=torch.randn(12, 1, 4, 4), y=torch.arange(12) % 6, x=target.expand(12, 1, 4, 4))
+    train.generator_step(run, G, fake, go, gs, adm=False, pairs=spy_pairs)
+    torch.testing.assert_close(go.grads[0]['x'], 0.25 * 2 * (G.x.detach() - target) / 16)
 
 
 # ---------------------------------------------------------------- partitions and routing
@@ -288,6 +678,242 @@ def test_checkpoint_round_trip(tmp_path):
         load_teacher(path)
 
 
+# ---------------------------------------------------------------- hostile checkpoints
+# Crafted files, written opcode by opcode where pickle itself would not write them. Whatever the
+# file, loading ends in a network or a one-line ValueError (exit status 2 from the commands).
+
+def pk(obj):
+    """A pickle (protocol 4) of obj, written opcode by opcode (names as in pickletools): bytes pass
+    through as opcodes already written, so calls, BUILDs and memo references can be nested anywhere."""
+    def op(x):
+        if isinstance(x, bytes):
+            return x
+        if x is None or isinstance(x, bool):
+            return {None: b'N', True: b'\x88', False: b'\x89'}[x]                     # NONE, NEWTRUE, NEWFALSE
+        if isinstance(x, int):
+            n = (x.bit_length() + 8) // 8
+            return b'J' + struct.pack('<i', x) if abs(x) < 2 ** 31 else b'\x8a' + bytes([n]) + x.to_bytes(n, 'little', signed=True)
+        if isinstance(x, float):
+            return b'G' + struct.pack('>d', x)                                          # BINFLOAT
+        if isinstance(x, str):
+            return b'X' + struct.pack('<I', len(x.encode())) + x.encode()              # BINUNICODE
+        if isinstance(x, dict):
+            return b'(' + b''.join(op(k) + op(v) for k, v in x.items()) + b'd'         # MARK ... DICT
+        return b'(' + b''.join(map(op, x)) + (b'l' if isinstance(x, list) else b't')  # MARK ... LIST / TUPLE
+    return b'\x80\x04' + op(obj) + b'.'
+
+
+def call(name, *args, state=None):
+    """GLOBAL name, its args as a tuple, REDUCE; then BUILD with state if given."""
+    module, attr = name.rsplit('.', 1)
+    out = f'c{module}\n{attr}\n'.encode() + pk(tuple(args))[2:-1] + b'R'
+    return out + pk(state)[2:-1] + b'b' if state is not None else out
+
+
+def raw(b):
+    return b'B' + struct.pack('<I', len(b)) + b                                         # BINBYTES
+
+
+MEMOIZE, GET = b'\x94', lambda i: b'j' + struct.pack('<I', i)                         # MEMOIZE, LONG_BINGET
+EDM_KW = dict(img_resolution=8, img_channels=1, label_dim=6, model_type='DhariwalUNet', model_channels=8,
+              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+
+
+def persistent(class_name, **state):
+    return call('torch_utils.persistence._reconstruct_persistent_obj', dict(type='class', class_name=class_name, state=state))
+
+
+def edm_precond(kwargs=None, **state):
+    """An EDM pickle holding an EDMPrecond with these settings and this module state."""
+    return pk({'ema': persistent('EDMPrecond', **{'_init_args': (), '_init_kwargs': {**EDM_KW, **(kwargs or {})}, **state})})
+
+
+def numpy_scalar(dtype_name, dtype_state, data):
+    return call('numpy.core.multiarray.scalar', call('numpy.dtype', dtype_name, False, True, state=dtype_state), raw(data))
+
+
+def storage_bytes(t):
+    """What torch pickles for t's storage: the argument of torch.storage._load_from_bytes."""
+    return t.untyped_storage().__reduce__()[1][0]
+
+
+def tensor_call(storage, size, stride, offset=0):
+    return call('torch._utils._rebuild_tensor_v2', call('torch.storage._load_from_bytes', raw(storage)), offset,
+                tuple(size), tuple(stride), False, call('collections.OrderedDict'))
+
+
+def test_hostile_pickles_in_a_fresh_process(tmp_path):
+    """numpy's dtype.__setstate__ trusts the file's flags, fields and offsets: a structured dtype with an
+    object field whose flags deny it (or a field far outside the buffer) would make the reader dereference
+    an address from the file (SIGSEGV), so these run in a child process. Refused too: torch names outside
+    the allow-list (getattr(torch, name) would import torch._dynamo before refusing)."""
+    obj = call('numpy.dtype', 'O8', False, True, state=(3, '|', None, None, None, -1, -1, 63))
+    f8 = call('numpy.dtype', 'f8', False, True, state=(3, '<', None, None, None, -1, -1, 0))
+    files = {'object_field.pkl': edm_precond({'dropout': numpy_scalar('V8', (3, '|', None, ('a',), {'a': (obj, 0)}, 8, 1, 0),
+                                                                       struct.pack('<Q', 0x41414141))}),
+             'far_field.pkl': edm_precond({'dropout': numpy_scalar('V8', (3, '|', None, ('a',), {'a': (f8, 1 << 40)}, 8, 1, 0), bytes(8))}),
+             'dynamo.pkl': pk({'ema': call('torch._dynamo')}),             # lazy submodules of torch
+             'inductor.pkl': pk({'ema': call('torch._inductor.config')})}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    code = ('import sys, teacher\n'
+            'for p in sys.argv[1:]:\n'
+            '    try:\n        teacher.read_edm_pickle(p)\n'
+            '    except ValueError as e:\n        print(str(e).split(": ", 1)[1])\n'
+            'print("torch._dynamo" in sys.modules or "torch._inductor" in sys.modules)\n')
+    r = subprocess.run([sys.executable, '-c', code, *[str(tmp_path / n) for n in files]], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["refusing numpy dtype 'V8': only plain numbers"] * 2 + [
+        'refusing to load torch._dynamo: an EDM network pickle does not need it',
+        'refusing to load torch._inductor.config: an EDM network pickle does not need it', 'False']
+
+
+def test_hostile_small_files_allocate_nothing_big(tmp_path, monkeypatch):
+    """The network is built on the meta device and checked against the weights before a real one is
+    built; settings, module trees, archives and lists are bounded first."""
+    import dataclasses
+    import student
+    import teacher as T
+    good = teacher_checkpoint(build_net(TINY))
+    big = dataclasses_replace(TINY, model_channels=512, label_dim=0)
+    with torch.device('meta'):
+        shapes = {k: t.shape for k, t in build_net(big).state_dict().items()}
+    one = torch.zeros(1)
+    laughs = persistent('Conv2d')                           # 20 levels of modules sharing one child: 2^20 paths
+    for i in range(20):
+        laughs = persistent('UNetBlock', _modules={'a': laughs + MEMOIZE, 'b': GET(i)})
+    torch.save(good, tmp_path / 'teacher.pt')
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(tmp_path / 'teacher.pt') as z, zipfile.ZipFile(deflated, 'w', zipfile.ZIP_DEFLATED) as out:
+        for name in z.namelist():
+            out.writestr(name, z.read(name))
+    students = msd_checkpoint([Student(TINY)] * 2, [[0, 1, 2], [3, 4, 5]], 6, {})
+    real_build = T.build_net
+
+    def meta_only(cfg):
+        assert torch.empty(0).is_meta, 'a network was built before its weights were checked'
+        return real_build(cfg)
+    monkeypatch.setattr(T, 'build_net', meta_only)
+    monkeypatch.setattr(student, 'build_net', meta_only)
+    cases = {
+        'channels.pt': ({**good, 'net': {**good['net'], 'model_channels': 256}}, 'do not fit the recorded architecture'),
+        'blocks.pkl': (edm_precond({'num_blocks': 10 ** 7}), r'num_blocks must be an integer in 0\.\.16'),
+        'width.pkl': (edm_precond({'model_channels': 2048}), 'do not fit the recorded architecture'),
+        'stride0.pt': (dict(kind='teacher', net=dataclasses.asdict(big), state_dict={k: one.expand(s) for k, s in shapes.items()}),
+                       r'the weights claim \d+ bytes but the file holds 4$'),
+        'laughs.pkl': (edm_precond(_modules={'model': laughs}), 'appears twice in the module tree'),
+        'deflated.pt': (deflated.getvalue(), 'compressed records'),
+        'nested.pkl': (pk({'ema': call('torch.storage._load_from_bytes', raw(deflated.getvalue()))}), "not in torch's legacy format"),
+        'students.pt': ({**students, 'students': students['students'][:1] * 10 ** 4}, 'students do not match the partition of 2'),
+        'partition.pt': ({**students, 'partition': [list(range(0, 10 ** 4, 2)), list(range(1, 10 ** 4, 2))]}, 'lists 10000 labels for 6'),
+    }
+    for name, (content, message) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content) if isinstance(content, bytes) else torch.save(content, p)
+        with pytest.raises(ValueError, match=message):
+            (load_msd if name in ('students.pt', 'partition.pt') else load_teacher)(str(p))
+
+
+def test_hostile_malformed_files_get_one_line(tmp_path, capsys):
+    """Values of the wrong type or out of bounds, missing fields, objects made the wrong way: one line
+    from the converter and from sample.py, however the file is broken."""
+    import teacher as T
+    good = teacher_checkpoint(randomize(build_net(TINY)))
+    msd = msd_checkpoint([Student(TINY)] * 2, [[0, 1, 2], [3, 4, 5]], 6, {})
+    small = msd_checkpoint([Student(dataclasses_replace(TINY, model_channels=4))] * 2, [[0, 1, 2], [3, 4, 5]], 6, {})
+    cycle = b'ctorch.nn.modules.container\nModuleDict\n)\x81' + MEMOIZE + pk({'_modules': {'me': GET(0)}})[2:-1] + b'b'
+    deep = persistent('Conv2d')
+    for _ in range(1500):
+        deep = persistent('UNetBlock', _modules={'m': deep})
+    cases = {
+        'newobj.pkl': (pk({'ema': b'ctorch_utils.persistence\n_reconstruct_persistent_obj\n)\x81'}), 'NEWOBJ class argument'),
+        'state.pkl': (pk({'ema': call('torch_utils.persistence._reconstruct_persistent_obj', dict(type='class', class_name='EDMPrecond', state=[1]))}),
+                      'unexpected persistent-object record'),
+        'args.pkl': (edm_precond(_init_args=5), r'settings \(_init_args, _init_kwargs\) are malformed'),
+        'kwargs.pkl': (pk({'ema': persistent('EDMPrecond', _init_kwargs=[1, 2])}), 'are malformed'),
+        'keys.pkl': (pk({'ema': persistent('EDMPrecond', _init_kwargs={1: 2, 'a': 3})}), 'are malformed'),
+        'cycle.pkl': (edm_precond(_modules={'model': cycle}), 'appears twice in the module tree'),
+        'deep.pkl': (edm_precond(_modules={'model': deep}), 'lies more than 32 levels deep'),
+        'param.pkl': (edm_precond(_parameters={'w': 'abc'}), "'w' is 'abc', not a tensor"),
+        'resolution.pkl': (edm_precond({'img_resolution': 'abc'}), "img_resolution must be an integer in 1..256, got 'abc'"),
+        'labels.pt': ({**good, 'net': {**good['net'], 'label_dim': -1}}, r'label_dim must be an integer in 0\.\.10000, got -1'),
+        'mult.pt': ({**good, 'net': {**good['net'], 'channel_mult': []}}, 'channel_mult must be a list of 1 to 8 integers, got 0 entries'),
+        'heads.pt': ({**good, 'net': {**good['net'], 'channels_per_head': 3}}, '16 channels do not split into attention heads of 3'),
+        'no_net.pt': ({k: v for k, v in good.items() if k != 'net'}, 'network settings are None'),
+        'int_weights.pt': ({**good, 'state_dict': 5}, 'the weights are 5, not a dict of tensors'),
+        'str_weight.pt': ({**good, 'state_dict': {**good['state_dict'], 'model.out_conv.bias': 'x'}}, "bias is 'x', not float weights"),
+        'no_classes.pt': ({k: v for k, v in msd.items() if k != 'num_classes'}, r'num_classes must be an integer in 1\.\.10000'),
+        'misfit.pt': ({**msd, 'students': [msd['students'][0], {**small['students'][0], 'net': msd['students'][0]['net']}]},
+                      r'student 1: weights do not fit the recorded architecture \(net.model.map_layer0.weight is \(16, 4\)'),
+        'empty.pt': (b'', 'not a readable checkpoint'),
+        'kind.pt': ({'kind': 'x\n' * 10 ** 5}, r"holds a 'x\\nx\\n"),
+    }
+    for name, (content, message) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content) if isinstance(content, bytes) else torch.save(content, p)
+        cli = (S.cli, ['--ckpt', str(p), '--grid', str(tmp_path / 'g.png')]) if name in ('no_classes.pt', 'misfit.pt') else \
+            (T.main, [str(p), str(tmp_path / 'out.pt')])
+        err = cli_error(*cli, capsys)
+        assert re.search(message, err), (name, err)
+    assert not os.path.exists(tmp_path / 'out.pt') and not os.path.exists(tmp_path / 'g.png')
+    assert T.reason(EOFError()) == 'EOFError'                 # an empty message does not crash the handler
+    torch.save({'m': torch.nn.Identity()}, tmp_path / 'module.pt')
+    with pytest.raises(Exception) as e:
+        torch.load(tmp_path / 'module.pt', weights_only=True)
+    assert T.reason(e.value).startswith('UnpicklingError: Unsupported global: GLOBAL torch.nn.modules.linear.Identity')
+
+
+def test_hostile_storages_tensors_and_nonfinite_weights(tmp_path, capsys):
+    """Storages are exactly as large as their bytes and tensors lie inside them; BUILD cannot reach
+    Tensor.__setstate__ (set_ would grow a storage); NaN or infinite weights are refused by name."""
+    import teacher as T
+    four = storage_bytes(torch.zeros(4))                     # 16 bytes (an untyped storage)
+    zip_storage = io.BytesIO()
+    torch.save(torch.zeros(4).untyped_storage(), zip_storage)
+    cases = {
+        'past.pkl': (pk({'ema': tensor_call(four, [10 ** 8], [1])}), 'a tensor of 100000000 elements runs past its storage of 16'),
+        'offset.pkl': (pk({'ema': tensor_call(four, [4], [1], offset=10 ** 8)}), 'runs past its storage of 16'),
+        'stride0.pkl': (pk({'ema': tensor_call(four, [10 ** 8], [0])}), 'runs past its storage of 16'),
+        'build.pkl': (pk({'ema': tensor_call(four, [4], [1]) + pk((call('torch.storage._load_from_bytes', raw(four)), 0, (10 ** 8,), (1,)))[2:-1] + b'b'}),
+                      'refusing to change a tensor after it is made'),
+        'count.pkl': (pk({'ema': tensor_call(four.replace(struct.pack('<q', 16) + bytes(16), struct.pack('<q', 10 ** 9) + bytes(16)), [4], [1])}),
+                      "not in torch's legacy format"),
+        'zip.pkl': (pk({'ema': call('torch.storage._load_from_bytes', raw(zip_storage.getvalue()))}), "not in torch's legacy format"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            T.read_edm_pickle(str(tmp_path / name))
+    net = randomize(build_net(dataclasses_replace(TINY, channels_per_head=64))).eval()
+    with torch.no_grad():
+        net.model.enc['8x8_block0'].conv1.weight[0, 0, 0, 0] = float('inf')
+    write_edm_pickle(net, str(tmp_path / 'inf.pkl'))
+    err = cli_error(T.main, [str(tmp_path / 'inf.pkl'), str(tmp_path / 'out.pt')], capsys)
+    assert err.endswith('model.enc.8x8_block0.conv1.weight holds NaN or infinite values\n') and not os.path.exists(tmp_path / 'out.pt')
+    ck = teacher_checkpoint(randomize(build_net(TINY)))
+    ck['state_dict']['model.out_conv.bias'][0] = float('nan')
+    torch.save(ck, tmp_path / 'nan.pt')
+    err = cli_error(S.cli, ['--ckpt', str(tmp_path / 'nan.pt'), '--grid', str(tmp_path / 'g.png')], capsys)
+    assert err.endswith('model.out_conv.bias holds NaN or infinite values\n') and not os.path.exists(tmp_path / 'g.png')
+
+
+def test_hostile_resume_state(tmp_path):
+    """Resumable states go through the same reader; contents that do not fit the run are one line."""
+    import train
+    p = str(tmp_path / 'state.pt')
+    torch.save({'kind': 'state', 'x': torch.nn.Identity()}, p)
+    with pytest.raises(ValueError, match='not a readable checkpoint.*refusing torch.nn.modules.linear.Identity'):
+        train.load_state(p)
+    net = build_net(TINY)
+    o, _ = train.make_optimizer(list(net.parameters()), 1e-3, train.Config())
+    bad = {'state': {i: {'step': torch.tensor(1.0), 'exp_avg': torch.zeros(1), 'exp_avg_sq': torch.zeros(1)}
+                     for i in range(len(o.param_groups[0]['params']))}, 'param_groups': o.state_dict()['param_groups']}
+    with pytest.raises(ValueError, match=f'{re.escape(p)} does not fit this run .*other shapes'):
+        with train.resuming(p):
+            train.load_optimizer(o, bad)
+
+
 # ---------------------------------------------------------------- data
 
 def test_edm_zip_dataset(tmp_path):
@@ -330,7 +956,8 @@ TINY_RUN = ['--preset', 'smoke', '--teacher_steps', '4', '--tsm_steps', '2', '--
 def test_every_stage_then_sample_and_resume_and_profile(tmp_path, capsys):
     import train
     out = str(tmp_path / 'run')
-    train.main(train.parse_args(TINY_RUN + ['--out', out, '--students', '3']))
+    args = TINY_RUN + ['--out', out, '--students', '3', '--dm_steps', '1', '--ratio', '1']   # the loop: spy tests above
+    train.main(train.parse_args(args))
     for f in ('config.json', 'teacher.pt', 'msd.pt', 'metrics.jsonl', 'grids/msd.png', 'grids/teacher.png'):
         assert os.path.exists(os.path.join(out, f)), f
     stages = {json.loads(l).get('stage') for l in open(os.path.join(out, 'metrics.jsonl'))}
@@ -342,7 +969,7 @@ def test_every_stage_then_sample_and_resume_and_profile(tmp_path, capsys):
     assert ckpt['config']['students'] == 3 and ckpt['partition'] == msd.groups
     # A finished run folder resumes to a no-op: same msd.pt content.
     before = {k: v.clone() for k, v in msd.state_dict().items()}
-    train.main(train.parse_args(TINY_RUN + ['--out', out, '--students', '3']))
+    train.main(train.parse_args(args))
     after = load_msd(os.path.join(out, 'msd.pt')).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     S.main(['--ckpt', os.path.join(out, 'msd.pt'), '--grid', str(tmp_path / 'g.png'), '--per_class', '2'])
@@ -351,7 +978,7 @@ def test_every_stage_then_sample_and_resume_and_profile(tmp_path, capsys):
     capsys.readouterr()
     prof = str(tmp_path / 'prof')
     train.main(train.parse_args(TINY_RUN + ['--out', prof, '--teacher', os.path.join(out, 'teacher.pt'), '--stages', 'dm,adm',
-                                            '--profile', '1', '--ratio', '1']))
+                                            '--profile', '1', '--ratio', '1', '--batch', '2']))
     text = capsys.readouterr().out
     for stage in ('dm', 'adm'):
         assert f'\n{stage}: ' in text and 'convolution' in text

@@ -21,6 +21,7 @@ The run folder (on a filesystem every rank sees) holds config.json, teacher.pt, 
 per-stage, per-student state), student{k}.pt, msd.pt, grids/ and metrics.jsonl.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,9 +36,9 @@ import torch.distributed as dist
 import losses as L
 import partition as P
 import sample as S
-from msd import MSD, msd_checkpoint
+from msd import MSD, load_student, msd_checkpoint
 from student import FakeScore, Student
-from teacher import NetConfig, build_net, count_params, load_teacher, net_config_from_dict, teacher_checkpoint
+from teacher import NetConfig, build_net, count_params, load_teacher, read_checkpoint, reason, teacher_checkpoint
 
 STAGES = ('teacher', 'tsm', 'dm', 'adm')
 
@@ -79,7 +80,8 @@ class Config:
     student_width: float = opt(1.0, 'student channels relative to the teacher (< 1: smaller students, TSM init)')
     sigma_max: float = opt(80.0, 'the generator input noise level: G(z, y) = D(sigma_max z; sigma_max, y)')
     batch: int = opt(16, 'per-student batch per rank, for TSM, DM and ADM')
-    lr: float = opt(1e-4, 'AdamW learning rate of generator and fake score (DM, ADM)')
+    lr: float = opt(1e-4, 'AdamW learning rate of generator and fake score (DM, and ADM unless --adm_lr)')
+    adm_lr: float = opt(0.0, 'AdamW learning rate of generator and fake score in the ADM stage (0: --lr)')
     tsm_lr: float = opt(5e-4, 'AdamW learning rate of TSM')
     weight_decay: float = opt(0.01, 'AdamW weight decay')
     clip: float = opt(10.0, 'gradient-norm clip')
@@ -124,10 +126,13 @@ PRESETS = {
     # edm-imagenet-64x64-cond-adm.pkl: give --teacher and --data. 4 contiguous students of 250 classes,
     # AdamW lr 2e-6, wd 0.01, clip 10, 5 critic updates per generator update, GAN weights 3e-3 / 1e-2,
     # batch 40 per GPU, bf16 on CUDA. dm_steps counts generator updates: 4000 = DMD2/MSD's 20k iterations.
+    # ADM resumes from the DM checkpoint at adm_lr 5e-7, the learning rate of DMD2's best ImageNet run (FID 1.28),
+    # which resumed its 2e-6 DM run with the GAN at 5e-7 for generator and critic; no ADM learning rate of MSD's
+    # own was found in its paper, so DMD2's is taken.
     # Smaller students: --student_width 0.67 (128 channels, 55.5% fewer parameters) --stages tsm,dm,adm.
     'imagenet64': Config(out='runs/imagenet64', stages='dm,adm', students=4, partition='contiguous',
                          model_channels=192, channel_mult='1,2,3,4', num_blocks=3, attn_resolutions='32,16,8',
-                         channels_per_head=64, dropout=0.1, sigma_max=80.0, batch=40, lr=2e-6, tsm_lr=2e-5,
+                         channels_per_head=64, dropout=0.1, sigma_max=80.0, batch=40, lr=2e-6, adm_lr=5e-7, tsm_lr=2e-5,
                          weight_decay=0.01, clip=10.0, warmup=500, ratio=5, gan_gen_weight=3e-3,
                          gan_critic_weight=1e-2, tsm_steps=20000, dm_steps=4000, adm_steps=4000, log_every=100,
                          grid_every=1000, ckpt_every=500, heun_steps=256, fid_samples=50000, fid_ref=50000,
@@ -260,7 +265,24 @@ def atomic_save(obj, path):
 
 
 def load_state(path):
-    return torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else None
+    """A resumable state saved by this script (kind 'state'), or None if there is none."""
+    return read_checkpoint(path, 'state') if os.path.exists(path) else None
+
+
+@contextlib.contextmanager
+def resuming(path):
+    """Restoring saved state: contents that do not fit this run end in a one-line error."""
+    try:
+        yield
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f'{path} does not fit this run ({reason(e)})') from None
+
+
+def load_optimizer(o, state):
+    """Optimizer.load_state_dict, which leaves the moments' shapes unchecked (a fused step would fail)."""
+    o.load_state_dict(state)
+    if any(torch.is_tensor(v) and v.ndim and v.shape != p.shape for p, s in o.state.items() for v in s.values()):
+        raise ValueError('optimizer state of other shapes than the parameters')
 
 
 def rng_state(gen):
@@ -334,9 +356,10 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
     state_path = os.path.join(cfg.out, 'ckpt', 'teacher.pt')
     step, state = 0, load_state(state_path)
     if state is not None:
-        net.load_state_dict(state['net']); ema.load_state_dict(state['ema'])
-        o.load_state_dict(state['opt']); sched.load_state_dict(state['sched'])
-        step = state['step']; set_rng_state(state['rng'][d.rank] if d.rank < len(state['rng']) else state['rng'][0], gen)
+        with resuming(state_path):
+            net.load_state_dict(state['net']); ema.load_state_dict(state['ema'])
+            load_optimizer(o, state['opt']); sched.load_state_dict(state['sched'])
+            step = int(state['step']); set_rng_state(state['rng'][d.rank] if d.rank < len(state['rng']) else state['rng'][0], gen)
         d.main and print(f'resuming teacher at step {step}', flush=True)
     if d.main:
         print(f'teacher: {count_params(net) / 1e6:.2f}M parameters, {cfg.teacher_steps} steps, batch {cfg.teacher_batch} x {d.world} ranks', flush=True)
@@ -391,11 +414,12 @@ def gather_rng(state, group, n):
 class StudentRun:
     """Noise, labels and sigmas are drawn on the device (global RNG, saved with each checkpoint), so a
     step copies nothing from the host but its real images; `gen` (host) draws which images. (So a
-    run resumed on another kind of device continues with other random numbers.)"""
+    run resumed on another kind of device continues with other random numbers.) The teacher is D_real:
+    frozen and in eval mode (no dropout), whatever mode it came in."""
 
     def __init__(self, cfg, d, k, classes, data, teacher, group, n_ranks):
         self.cfg, self.d, self.k, self.classes = cfg, d, k, torch.tensor(classes, device=d.device)
-        self.data, self.teacher, self.group, self.n = data, teacher, group, n_ranks
+        self.data, self.teacher, self.group, self.n = data, teacher.eval().requires_grad_(False), group, n_ranks
         self.pool = torch.nonzero(torch.isin(data.labels, torch.tensor(classes))).squeeze(1)   # own classes only
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + k * 10 + d.rank)
         self.grid = L.sigma_grid(1000, sigma_max=cfg.sigma_max).to(d.device)
@@ -544,7 +568,11 @@ def regression_pairs(cfg, d, teacher, num_classes, shape):
     """DMD's paired set: (z, y, teacher Heun sample from z) over ALL classes (MSD Fig. 8), cached."""
     path = os.path.join(cfg.out, 'ckpt', 'regression_pairs.pt')
     if os.path.exists(path):
-        return torch.load(path, weights_only=True)
+        pairs, n = read_checkpoint(path, None), cfg.regression_pairs
+        with resuming(path):
+            if {k: tuple(v.shape) for k, v in pairs.items()} != dict(z=(n, *shape), y=(n,), x=(n, *shape)):
+                raise ValueError(f'not {n} pairs of {shape} images')
+        return pairs
     seeds = list(range(10 ** 6, 10 ** 6 + cfg.regression_pairs))
     z = S.seeded_noise(seeds, shape)
     y = torch.arange(cfg.regression_pairs) % num_classes
@@ -593,15 +621,17 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
             continue
         steps = dict(tsm=cfg.tsm_steps, dm=cfg.dm_steps, adm=cfg.adm_steps)[stage]
         adm = stage == 'adm'
-        go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if stage == 'tsm' else cfg.lr, cfg,
+        lr = (cfg.adm_lr or cfg.lr) if adm else cfg.lr
+        go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if stage == 'tsm' else lr, cfg,
                                     steps_per_update=1 if stage == 'tsm' else cfg.ratio)
-        fo, fsched = make_optimizer(list(fake.parameters()), cfg.lr, cfg)
+        fo, fsched = make_optimizer(list(fake.parameters()), lr, cfg)
         step, state = 0, load_state(stage_path(cfg, stage, k))
         if state is None:       # start from the latest earlier stage that ran (adm from dm, dm from tsm)
             for s in ('dm', 'tsm'):
                 if STAGES.index(s) < STAGES.index(stage) and os.path.exists(stage_path(cfg, s, k)):
                     earlier = load_state(stage_path(cfg, s, k))
-                    state = dict(G=earlier['G'], fake=earlier['fake'])            # weights, fresh optimiser
+                    with resuming(stage_path(cfg, s, k)):
+                        state = dict(G=earlier['G'], fake=earlier['fake'])        # weights, fresh optimiser
                     break
         # A stage that starts fresh is seeded from (seed, student, stage, rank) alone, so a resumed run
         # draws exactly the numbers an uninterrupted one would, whatever ran before it in this process.
@@ -610,11 +640,12 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
         run.gen.manual_seed(seed)
         run.stage, run.step = stage, 0
         if state is not None:
-            G.load_state_dict(state['G']); fake.load_state_dict(state['fake'])
-            if 'opt_G' in state:
-                go.load_state_dict(state['opt_G']); gsched.load_state_dict(state['sched_G'])
-                fo.load_state_dict(state['opt_fake']); fsched.load_state_dict(state['sched_fake'])
-                step = run.step = state['step']; set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
+            with resuming(stage_path(cfg, stage, k)):
+                G.load_state_dict(state['G']); fake.load_state_dict(state['fake'])
+                if 'opt_G' in state:
+                    load_optimizer(go, state['opt_G']); gsched.load_state_dict(state['sched_G'])
+                    load_optimizer(fo, state['opt_fake']); fsched.load_state_dict(state['sched_fake'])
+                    step = run.step = int(state['step']); set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
         bar = S.Progress(f'{stage} s{k}', steps, d.main, step)
         t0, step0 = time.time(), step
         info = {}
@@ -746,10 +777,8 @@ def main(cfg: Config):
     if d.main:
         students = []
         for k in range(cfg.students):
-            s = torch.load(os.path.join(cfg.out, f'student{k}.pt'), weights_only=True)
-            st = Student(net_config_from_dict(s['net']), cfg.sigma_max)
-            st.load_state_dict(s['state_dict'])
-            students.append(st)
+            path = os.path.join(cfg.out, f'student{k}.pt')
+            students.append(load_student(read_checkpoint(path, 'student'), cfg.sigma_max, data.num_classes, path))
         atomic_save(msd_checkpoint(students, groups, data.num_classes, asdict(cfg),
                                    teacher=os.path.abspath(teacher_path), stages=student_stages),
                     os.path.join(cfg.out, 'msd.pt'))
@@ -790,7 +819,7 @@ def done_stages(cfg, k):
     done = []
     for stage, steps in (('tsm', cfg.tsm_steps), ('dm', cfg.dm_steps), ('adm', cfg.adm_steps)):
         s = load_state(stage_path(cfg, stage, k))
-        if s is not None and s['step'] >= steps:
+        if s is not None and isinstance(s.get('step'), int) and s['step'] >= steps:
             done.append(stage)
     return done
 
