@@ -123,29 +123,27 @@ def load_data(path='') -> ImageData:
 
 
 
-class Progress:
-    """A progress line with rate and ETA, on rank 0: redrawn in a terminal, a line every 15 s in a log."""
+class _LogLines:
+    """tqdm's output for a log file: each redraw ('\\r' + line) becomes one line of its own."""
 
-    def __init__(self, name, total, enabled=True, start=0):
-        self.name, self.total, self.enabled, self.start = name, total, enabled, start
-        self.t0, self.last, self.tty = time.time(), 0.0, sys.stderr.isatty()
+    def __init__(self, stream):
+        self.stream = stream
 
-    def update(self, step, info='', force=False):
-        if not self.enabled or (not self.tty and not force and time.time() - self.last < 15):
-            return
-        self.last = time.time()
-        done = step - self.start
-        rate = done / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float('nan')
-        fmt = lambda s: '?' if math.isnan(s) else f'{int(s // 60)}m{int(s % 60):02d}s'
-        line = f'[{self.name}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}% | {rate:.2f} it/s | ' \
-               f'elapsed {fmt(time.time() - self.t0)} ETA {fmt(eta)} | {info}'
-        print(('\r' + line + '\033[K') if self.tty else line, end='' if self.tty else '\n', file=sys.stderr, flush=True)
+    def write(self, s):
+        s = s.replace('\r', '').strip()
+        if s:
+            self.stream.write(s + '\n')
 
-    def close(self, step, info=''):
-        self.update(step, info, force=True)
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(total, desc, initial=0, enabled=True):
+    """A tqdm bar with rate and ETA on stderr: redrawn in a terminal, one line every 15 s in a log."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, file=sys.stderr if tty else _LogLines(sys.stderr),
+                mininterval=0.5 if tty else 15, dynamic_ncols=tty, ascii=not tty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,14 +156,13 @@ def heun(net, z, labels, num_steps=18, sigma_max=80.0):
 
 def generate(gen, seeds, labels, shape, device='cpu', batch=256):
     """uint8 images for the given seeds and labels; image i depends on seeds[i] and labels[i] only."""
-    out, bar = [], Progress('generate', len(seeds), enabled=len(seeds) > batch)
+    out, bar = [], progress(len(seeds), 'generate', enabled=len(seeds) > batch)
     for i in range(0, len(seeds), batch):
         z = seeded_noise(seeds[i:i + batch], shape, device)
         with torch.no_grad():
             out.append(to_uint8(gen(z, labels[i:i + batch].to(device))).cpu())
-        bar.update(min(i + batch, len(seeds)))
-    if len(seeds) > batch:
-        bar.close(len(seeds))
+        bar.update(len(out[-1]))
+    bar.close()
     return torch.cat(out) if out else torch.empty((0,) + tuple(shape), dtype=torch.uint8)
 
 

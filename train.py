@@ -367,7 +367,7 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
             print(f'warning: after {cfg.teacher_steps} steps the EMA teacher still holds {100 * cfg.ema ** cfg.teacher_steps:.0f}% '
                   f'of the random initial weights (--ema {cfg.ema}); lower --ema or train longer', file=sys.stderr, flush=True)
     group = dist.group.WORLD if d.world > 1 else None
-    bar = S.Progress('teacher', cfg.teacher_steps, d.main, step)
+    bar = S.progress(cfg.teacher_steps, 'teacher', step, d.main)
     loss_avg, t0, step0 = 0.0, time.time(), step
     while step < cfg.teacher_steps:
         x, y = data.get(torch.randint(len(data), (cfg.teacher_batch,), generator=gen))
@@ -379,7 +379,8 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
             torch._foreach_lerp_(list(ema.parameters()), params, 1 - cfg.ema)
         step += 1
         loss_avg = 0.98 * loss_avg + 0.02 * vals['edm'] if step > 1 else vals['edm']
-        bar.update(step, f'loss {loss_avg:.4f}')
+        bar.set_postfix_str(f'loss {loss_avg:.4f}', refresh=False)
+        bar.update()
         if d.main and (step % cfg.log_every == 0 or step == cfg.teacher_steps):
             log_metrics(cfg, dict(stage='teacher', step=step, loss=vals['edm']))
         if step % cfg.ckpt_every == 0 or step == cfg.teacher_steps:
@@ -387,7 +388,7 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
             if d.main:
                 atomic_save(dict(kind='state', net=net.state_dict(), ema=ema.state_dict(), opt=o.state_dict(),
                                  sched=sched.state_dict(), step=step, rng=rngs, config=asdict(cfg)), state_path)
-    bar.close(step, f'loss {loss_avg:.4f}')
+    bar.close()
     if d.main and step > step0:
         log_throughput(cfg, 'teacher', '-', step - step0, time.time() - t0, cfg.teacher_batch * d.world)
     if d.main:
@@ -646,7 +647,7 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
                     load_optimizer(go, state['opt_G']); gsched.load_state_dict(state['sched_G'])
                     load_optimizer(fo, state['opt_fake']); fsched.load_state_dict(state['sched_fake'])
                     step = run.step = int(state['step']); set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
-        bar = S.Progress(f'{stage} s{k}', steps, d.main, step)
+        bar = S.progress(steps, f'{stage} s{k}', step, d.main)
         t0, step0 = time.time(), step
         info = {}
         while step < steps:
@@ -656,7 +657,8 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
                 info = distill_iteration(run, G, fake, go, gsched, fo, fsched, adm, None if adm else pairs)   # regression: DM only
             step += 1
             run.step = step
-            bar.update(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
+            bar.set_postfix_str(' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')), refresh=False)
+            bar.update()
             if leader and (step % cfg.log_every == 0 or step == steps):
                 log_metrics(cfg, dict(stage=stage, student=k, step=step, sec=round(time.time() - t0, 2), **info))
             if step % cfg.ckpt_every == 0 or step == steps:
@@ -673,7 +675,7 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
             if leader and cfg.grid_every and step % cfg.grid_every == 0:
                 S.save_grid(S.class_grid(G, data.num_classes, 4, G.net.cfg, classes=classes, device=d.device),
                             os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
-        bar.close(step, ' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')))
+        bar.close()
         if leader and step > step0:     # throughput: a generator step generates batch x (ratio + 1) images
             per_step = cfg.batch * n_ranks * (1 if stage == 'tsm' else cfg.ratio + 1)
             log_throughput(cfg, stage, k, step - step0, time.time() - t0, per_step)
