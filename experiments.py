@@ -6,17 +6,18 @@ Claims tested (MSD sec. 4), every row distilled from one committed teacher:
     (c) the adversarial stage helps                                  DM only vs DM then ADM
     (d) smaller students (TSM first) are faster and stay competitive  K = 4 at half the channels
     (e) contiguous partitions beat random ones                       K = 4 contiguous vs random
-Every row: FID (torch-fidelity's Inception, 2048 pool features, stated sample counts) against the
-Fashion-MNIST training set, classifier accuracy of its samples (which also checks the routing),
-parameters, one-step latency and images/s on the machine that ran it, training time. K = 4 also gets
-per-student FID (each student's samples against the real images of its own classes), and K = 1 vs
-K = 4 a plot of FID against generator iterations.
+Every row: FID (sample.py's: torch-fidelity's Inception, 2048 pool features, stated sample counts)
+against the Fashion-MNIST training set, classifier accuracy of its samples (which also checks the
+routing), parameters, one-step latency and images/s on the machine that ran it (bench.py's timer),
+training time. K = 4 also gets per-student FID (each student's samples against the real images of
+its own classes), and K = 1 vs K = 4 a plot of FID against generator iterations.
 
     python experiments.py                       # 2-core CPU preset, about 2 hours
     python experiments.py --preset gpu          # larger sizes on one GPU (students train in parallel)
     python experiments.py --parts report        # rewrite RESULTS.md from runs/grid/results.json
 
-Each part resumes: a finished student, cached reference features or an evaluated row is not redone.
+Each part resumes: a finished student, cached reference features (sample.reference) or an evaluated
+row is not redone.
 """
 import argparse
 import dataclasses
@@ -28,15 +29,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+import bench as B
 import sample as S
-from msd import MSD, load_msd
-from student import Student, student_config
-from teacher import count_params, load_teacher, net_config_from_dict
+from data import FASHION_DIR, load_data, read_idx_pair
+from msd import MSD, load_msd, load_student
+from student import student_config
+from teacher import count_params, load_teacher, read_checkpoint
 
 
 def opt(default, help):
@@ -50,7 +52,7 @@ class GridConfig:
     figures: str = opt('results', 'folder (committed) the report copies its grids and plot into')
     teacher: str = opt('checkpoints/fashion-teacher.pt', 'the teacher every row distils')
     classifier: str = opt('checkpoints/fashion-classifier.pt', 'Fashion-MNIST classifier (trained here if missing)')
-    data: str = opt('', f'Fashion-MNIST IDX folder (default {S.FASHION_DIR})')
+    data: str = opt('', f'Fashion-MNIST IDX folder (default {FASHION_DIR})')
     parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report, '
                                           'curves (FID of every snapshot in --curve_runs)')
     curve_runs: str = opt('', 'comma-separated train.py run folders with snapshots/ (--snapshot_every), for --parts curves')
@@ -126,24 +128,18 @@ class Classifier(nn.Module):
         return self.net(x_uint8.float() / 127.5 - 1)
 
 
-def test_set(data_dir):
-    d = data_dir or S.FASHION_DIR
-    find = lambda stem: next(p for p in (os.path.join(d, stem), os.path.join(d, stem + '.gz')) if os.path.exists(p))
-    return S._read_idx(find('t10k-images-idx3-ubyte'))[:, None], S._read_idx(find('t10k-labels-idx1-ubyte')).long()
-
-
 def classifier(cfg, data, device, epochs=4):
     """The committed classifier, or train one (Adam, 4 epochs, random shifts) and report test accuracy."""
     net = Classifier()
     if os.path.exists(cfg.classifier):
-        net.load_state_dict(torch.load(cfg.classifier, map_location='cpu', weights_only=True)['state_dict'])
+        net.load_state_dict(read_checkpoint(cfg.classifier, 'classifier')['state_dict'])
         return net.to(device).eval()
     torch.manual_seed(0)
     net = net.to(device).train()
     o = torch.optim.Adam(net.parameters(), 1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(o, 3e-3, total_steps=epochs * (len(data) // 128))
     x_all, y_all = data.uint8(torch.arange(len(data))), data.labels
-    bar = S.Progress('classifier', epochs * (len(data) // 128))
+    bar = S.progress(epochs * (len(data) // 128), 'classifier')
     for e in range(epochs):
         perm = torch.randperm(len(data))
         for i in range(len(data) // 128):
@@ -153,14 +149,14 @@ def classifier(cfg, data, device, epochs=4):
             x = torch.roll(x, (dx, dy), (2, 3))
             loss = nn.functional.cross_entropy(net(x.to(device)), y_all[idx].to(device))
             o.zero_grad(); loss.backward(); o.step(); sched.step()
-            bar.update(e * (len(data) // 128) + i + 1, f'loss {loss.item():.3f}')
-    bar.close(epochs * (len(data) // 128))
+            bar.set_postfix_str(f'loss {loss.item():.3f}', refresh=False)
+            bar.update()
+    bar.close()
     net.eval()
     acc = None
     try:
-        xt, yt = test_set(cfg.data)
-        acc = float(accuracy(net, xt, yt, device)[0])
-    except StopIteration:
+        acc = float(accuracy(net, *read_idx_pair(cfg.data or FASHION_DIR, 't10k'), device)[0])
+    except FileNotFoundError:                         # an EDM dataset, or no test split
         pass
     os.makedirs(os.path.dirname(os.path.abspath(cfg.classifier)), exist_ok=True)
     torch.save(dict(kind='classifier', state_dict={k: v.cpu() for k, v in net.state_dict().items()}, test_accuracy=acc,
@@ -176,55 +172,6 @@ def accuracy(net, images, labels, device):
     hit = (pred == labels).float()
     per = torch.stack([hit[labels == c].mean() for c in range(10)])
     return hit.mean().item(), per.tolist()
-
-
-# ----------------------------------------------------------------------------------------------
-# FID from Inception features (torch-fidelity's extractor and its Frechet distance).
-
-class Inception:
-    def __init__(self, device):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        self.device = device
-        self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'],
-                                               feature_extractor_weights_path=S.inception_weights()).to(device).eval()
-
-    @torch.no_grad()
-    def features(self, images, name='features'):
-        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # full float32, like the CPU
-        try:
-            out, bs = [], 200 if self.device.type == 'cuda' else 50
-            bar = S.Progress(f'inception {name}', len(images), enabled=len(images) > bs)
-            for i in range(0, len(images), bs):
-                x = images[i:i + bs]
-                x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-                out.append(self.net(x.contiguous().to(self.device))[0].double().cpu())
-                bar.update(min(i + bs, len(images)))
-            bar.close(len(images))
-        finally:                                     # the rest of the process keeps its TF32 setting
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        return torch.cat(out)
-
-
-def frechet(f1, f2):
-    """FID between two feature sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (torch-fidelity's formula)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    s1, s2 = fid_features_to_statistics(f1.double()), fid_features_to_statistics(f2.double())
-    return fid_statistics_to_metric(s1, s2, False)['frechet_inception_distance']
-
-
-def reference(cfg, data, inception):
-    """Features and labels of cfg.fid_ref training images (a fixed random subset; all for 60000), cached."""
-    n = min(cfg.fid_ref, len(data))
-    path = os.path.join(S.CACHE, f'fashion-train-features-{n}.pt')
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:n]
-    if os.path.exists(path):
-        return torch.load(path, weights_only=True), data.labels[idx]
-    feats = inception.features(data.uint8(idx), f'reference ({n} training images)')
-    os.makedirs(S.CACHE, exist_ok=True)
-    torch.save(feats.float(), path + '.tmp')
-    os.replace(path + '.tmp', path)
-    return feats.float(), data.labels[idx]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,8 +194,7 @@ def run_all(commands, jobs, log_dir):
     os.makedirs(log_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1' if jobs > 1 else str(torch.get_num_threads())))
     pending, running, t0 = list(enumerate(commands)), [], time.time()
-    bar = S.Progress('students', len(commands))
-    done = 0
+    bar, done = S.progress(len(commands), 'students'), 0
     while pending or running:
         while pending and len(running) < jobs:
             i, cmd = pending.pop(0)
@@ -262,8 +208,8 @@ def run_all(commands, jobs, log_dir):
                     for q, l, _ in running:
                         q.kill()
                     raise RuntimeError(f'training job {i} failed (exit {p.returncode}): see {log_dir}/job{i:02d}.log')
-        bar.update(done)
-    bar.close(done)
+        bar.update(done - bar.n)
+    bar.close()
     return time.time() - t0
 
 
@@ -310,20 +256,25 @@ def load_stage(cfg, run, stage, teacher, step=None):
         return load_msd(os.path.join(folder, 'msd.pt'))
     students, groups = [], None
     for k in range(K):
-        path = os.path.join(folder, 'snapshots', f'{stage}-student{k}-step{step}.pt') if step else os.path.join(folder, 'ckpt', f'{stage}-student{k}.pt')
-        s = torch.load(path, map_location='cpu', weights_only=True)
-        st = Student(student_config(teacher.cfg, width))
-        st.load_state_dict(s['G'] if 'G' in s else s['state_dict'])
-        students.append(st)
-        groups = s['partition']
+        if step:                                      # a snapshot: a student record (train.py student_record)
+            path = os.path.join(folder, 'snapshots', f'{stage}-student{k}-step{step}.pt')
+            rec = read_checkpoint(path, 'student')
+        else:                                         # the stage's final resumable state: the weights of G
+            path = os.path.join(folder, 'ckpt', f'{stage}-student{k}.pt')
+            rec = read_checkpoint(path, 'state')
+            rec = dict(rec, net=asdict(student_config(teacher.cfg, width)), state_dict=rec.get('G'))
+        students.append(load_student(rec, rec.get('config', {}).get('sigma_max', 80.0), teacher.label_dim, path))
+        groups = rec['partition']
     return MSD(students, groups, teacher.label_dim)
 
 
 def speed(gen, shape, num_classes, batch, device):
-    """(one-image latency in ms, images/s at `batch`), medians of timed calls."""
-    lat = 1000 / S.images_per_second(gen, shape, torch.zeros(1, dtype=torch.long, device=device), device, repeats=9)
-    ips = S.images_per_second(gen, shape, (torch.arange(batch) % num_classes).to(device), device, repeats=5)
-    return lat, ips
+    """(one-image latency in ms, images/s at `batch`): medians of 9 and 5 timed calls after a warm-up."""
+    rows = [B.Row('latency', gen, torch.zeros(1, dtype=torch.long, device=device), 9),
+            B.Row('images/s', gen, (torch.arange(batch) % num_classes).to(device), 5)]
+    for row in rows:
+        B.round_robin(B.warm_up([row], shape, device), shape, device)
+    return 1000 / rows[0].images_per_s, rows[1].images_per_s
 
 
 def run_seconds(cfg, name):
@@ -333,12 +284,12 @@ def run_seconds(cfg, name):
 
 
 def evaluate(cfg, results, device):
-    data = S.load_data(cfg.data)
+    data = load_data(cfg.data)
     teacher = load_teacher(cfg.teacher).to(device).eval()
     shape = tuple(data.shape)
     results['machine'] = results.get('machine') or machine(device)
-    inception = Inception(device)
-    ref, ref_labels = reference(cfg, data, inception)
+    inception = S.inception(device)
+    ref, ref_labels = S.reference(data, cfg.fid_ref, inception)
     clf = classifier(cfg, data, device)
     labels = torch.arange(cfg.fid_samples) % data.num_classes
     seeds = list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
@@ -361,17 +312,17 @@ def evaluate(cfg, results, device):
             train_s = run_seconds(cfg, run)
         t0 = time.time()
         images = S.generate(gen, seeds, labels, shape, device)
-        feats = inception.features(images, key)
+        feats = S.features(images, inception, f'inception, {key}')
         acc, per_class = accuracy(clf, images, labels, device)
         lat, ips = speed(gen, shape, data.num_classes, cfg.speed_batch if nfe == 1 else min(cfg.speed_batch, 256), device)
-        row = dict(title=title, fid=frechet(feats, ref), samples=cfg.fid_samples, ref=len(ref), params=params, nfe=nfe,
+        row = dict(title=title, fid=S.frechet(feats, ref), samples=cfg.fid_samples, ref=len(ref), params=params, nfe=nfe,
                    accuracy=acc, per_class=per_class, latency_ms=lat, images_per_s=ips, train_s=train_s, eval_s=time.time() - t0)
         if groups is not None and len(groups) > 1 or key == 'teacher':      # per-student FID (teacher: on K = 4's groups)
             gs = groups if key != 'teacher' else load_msd(os.path.join(cfg.out, 'k4', 'msd.pt')).groups \
                 if os.path.exists(os.path.join(cfg.out, 'k4', 'msd.pt')) else None
             if gs:
                 row['groups'] = gs
-                row['group_fid'] = [frechet(feats[torch.isin(labels, torch.tensor(g))], ref[torch.isin(ref_labels, torch.tensor(g))]) for g in gs]
+                row['group_fid'] = [S.frechet(feats[torch.isin(labels, torch.tensor(g))], ref[torch.isin(ref_labels, torch.tensor(g))]) for g in gs]
         if key in ('teacher', 'k1', 'k4', 'k4-half', 'k4-random'):
             S.save_grid(S.class_grid(gen, data.num_classes, 10, teacher.cfg, device=device), os.path.join(cfg.out, 'grids', f'{key}.png'))
         rows[key] = row
@@ -391,7 +342,7 @@ def evaluate(cfg, results, device):
                 msd = load_stage(cfg, runs[run], stage, teacher, s).to(device).eval()
                 n = cfg.plot_samples
                 imgs = S.generate(msd, list(range(10 ** 7, 10 ** 7 + n)), torch.arange(n) % data.num_classes, shape, device)
-                curve[key] = frechet(inception.features(imgs, key), ref)
+                curve[key] = S.frechet(S.features(imgs, inception, f'inception, {key}'), ref)
                 save_results(cfg, results)
 
 
@@ -399,8 +350,8 @@ def curves(cfg, device):
     """FID of every snapshot of the train.py runs in --curve_runs (fid_samples one-step images against
     fid_ref training images, the same seeds for every point): how a recipe's FID falls with generator
     updates. Cached per run folder in curve.json; prints one line per point."""
-    data, inception = S.load_data(cfg.data), Inception(device)
-    ref, _ = reference(cfg, data, inception)
+    data, inception = load_data(cfg.data), S.inception(device)
+    ref, _ = S.reference(data, cfg.fid_ref, inception)
     labels, seeds = torch.arange(cfg.fid_samples) % data.num_classes, list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
     for folder in [f for f in cfg.curve_runs.split(',') if f]:
         path, found = os.path.join(folder, 'curve.json'), {}
@@ -411,16 +362,13 @@ def curves(cfg, device):
         dm_steps = json.load(open(os.path.join(folder, 'config.json')))['dm_steps']
         for (stage, step), files in sorted(found.items(), key=lambda kv: (kv[0][0] == 'adm', kv[0][1])):
             key = f'{stage}:{step}'
-            recs = [torch.load(f, map_location='cpu', weights_only=True) for f in sorted(files)]
+            recs = [read_checkpoint(f, 'student') for f in sorted(files)]
             if key not in done and len(recs) == len(recs[0]['partition']):    # every student saved at this step
-                students = []
-                for r in recs:
-                    students.append(Student(net_config_from_dict(r['net'])))
-                    students[-1].load_state_dict(r['state_dict'])
+                students = [load_student(r, r['config']['sigma_max'], data.num_classes, f) for r, f in zip(recs, sorted(files))]
                 msd = MSD(students, recs[0]['partition'], data.num_classes).to(device).eval()
                 images = S.generate(msd, seeds, labels, tuple(data.shape), device)
                 done[key] = dict(updates=step + (dm_steps if stage == 'adm' else 0),
-                                 fid=frechet(inception.features(images, f'{os.path.basename(folder)} {key}'), ref))
+                                 fid=S.frechet(S.features(images, inception, f'inception, {os.path.basename(folder)} {key}'), ref))
                 with open(path, 'w') as f:
                     json.dump(done, f, indent=1)
             if key in done:
@@ -439,8 +387,10 @@ def save_results(cfg, results):
 # Report.
 
 def plot(curve, path, dm_steps, samples):
-    """FID against generator iterations, K = 1 vs K = 4, as a small PNG (PIL only)."""
-    W, H, m = 640, 400, 60
+    """FID against generator iterations, K = 1 vs K = 4, as a small PNG (PIL only). Every label has its
+    own place: title above the plot, the stage boundary's label above the plot area, legend in the
+    right margin, tick labels outside the axes."""
+    W, H, left, right, top, bottom = 640, 400, 60, 110, 60, 50
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
     pts = {run: sorted((int(k.split(':')[1]), v) for k, v in curve.items() if k.startswith(run + ':')) for run in ('k1', 'k4')}
@@ -448,23 +398,26 @@ def plot(curve, path, dm_steps, samples):
     ys = [y for p in pts.values() for _, y in p]
     if not xs:
         return False
-    x0, x1, y0, y1 = 0, max(xs), 0, max(ys) * 1.05
-    X = lambda x: m + (W - 2 * m) * (x - x0) / max(x1 - x0, 1)
-    Y = lambda y: H - m - (H - 2 * m) * (y - y0) / max(y1 - y0, 1e-9)
-    d.line([(m, H - m), (W - m, H - m)], 'black'); d.line([(m, m), (m, H - m)], 'black')
+    x1, y1 = max(max(xs), dm_steps), max(ys) * 1.05
+    X = lambda x: left + (W - left - right) * x / max(x1, 1)
+    Y = lambda y: H - bottom - (H - top - bottom) * y / max(y1, 1e-9)
+    d.line([(left, H - bottom), (W - right, H - bottom)], 'black')
+    d.line([(left, top), (left, H - bottom)], 'black')
     for i in range(6):
-        yv, xv = y0 + (y1 - y0) * i / 5, x0 + (x1 - x0) * i / 5
-        d.text((5, Y(yv) - 6), f'{yv:.0f}', fill='black'); d.text((X(xv) - 10, H - m + 5), f'{xv:.0f}', fill='black')
-    d.line([(X(dm_steps), m), (X(dm_steps), H - m)], (180, 180, 180))
-    d.text((X(dm_steps) + 4, m), 'DM | ADM', fill='gray')
-    for run, color in (('k1', (200, 40, 40)), ('k4', (40, 80, 200))):
+        d.text((left - 6, Y(y1 * i / 5)), f'{y1 * i / 5:.0f}', fill='black', anchor='rm')
+        d.text((X(x1 * i / 5), H - bottom + 6), f'{x1 * i / 5:.0f}', fill='black', anchor='mt')
+    d.line([(X(dm_steps), top), (X(dm_steps), H - bottom)], (180, 180, 180))
+    d.text((X(dm_steps), top - 4), 'DM | ADM', fill='gray', anchor='mb')
+    for i, (run, color) in enumerate((('k1', (200, 40, 40)), ('k4', (40, 80, 200)))):
         if len(pts[run]) > 1:
             d.line([(X(x), Y(y)) for x, y in pts[run]], color, width=2)
         for x, y in pts[run]:
             d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], color)
-    d.text((W - m - 150, m), 'K = 1', fill=(200, 40, 40)); d.text((W - m - 150, m + 14), 'K = 4', fill=(40, 80, 200))
-    d.text((m, 10), f'FID ({samples} samples) against generator iterations', fill='black')
-    d.text((W // 2 - 60, H - 25), 'generator iterations', fill='black')
+        d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], color, width=2)   # legend
+        d.text((W - right + 46, top + 20 * i), f'K = {run[1:]}', fill=color, anchor='lm')
+    d.text((W // 2, 12), f'FID ({samples} samples) against generator iterations', fill='black', anchor='mt')
+    d.text((left, top - 22), 'FID', fill='black', anchor='mb')
+    d.text(((left + W - right) // 2, H - 8), 'generator iterations', fill='black', anchor='mb')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return True
@@ -569,7 +522,7 @@ def main(cfg: GridConfig, argv):
     if cfg.device == 'cuda' and device.type != 'cuda':
         raise ValueError('--device cuda but no CUDA device is visible')
     if 'features' in parts:
-        reference(cfg, S.load_data(cfg.data), Inception(device))
+        S.reference(load_data(cfg.data), cfg.fid_ref, S.inception(device))
     if 'train' in parts:
         train(cfg, results)
         save_results(cfg, results)

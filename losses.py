@@ -7,11 +7,14 @@
     gan_critic_loss     DMD2 GAN, critic side: softplus(D(fake)) + softplus(-D(real))       (critic)
     gan_generator_loss  DMD2 GAN, generator side: softplus(-D(fake))                         (generator)
     regression_loss     DMD's regression onto teacher (z -> image) pairs, LPIPS or pixel L2  (generator)
+    lpips_if_present    its LPIPS distance, when the weights are already cached
 
 Networks are passed in as callables D(x, sigma, labels); nothing here holds state. The noise levels
 of distillation live on a 1000-point Karras grid (DMD2), `sigma_grid`. Callers reduce with .mean().
 Exercised by: python -m pytest test_msd.py -k loss
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -126,3 +129,19 @@ def regression_loss(x_student, x_teacher, lpips=None):
     if lpips is not None:
         return lpips(x_student, x_teacher).flatten()
     return per_sample_mean((x_student - x_teacher) ** 2)
+
+
+LPIPS_FILES = ('weights-vgg16-lpips.pth', 'vgg16-397923af.pth')     # torch-fidelity's LPIPS head, torchvision's VGG16
+
+
+def lpips_if_present(device):
+    """(distance, description): torch-fidelity's LPIPS (VGG16) when both weight files are already in the
+    torch hub cache (nothing is downloaded), otherwise None and the reason, for the log."""
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    missing = [f for f in LPIPS_FILES if not os.path.exists(os.path.join(hub, f))]
+    if missing:
+        return None, f'pixel L2 (LPIPS weights {", ".join(missing)} not in {hub})'
+    from torch_fidelity.sample_similarity_lpips import SampleSimilarityLPIPS
+    net = SampleSimilarityLPIPS('lpips-vgg16').to(device)
+    to_255 = lambda x: ((x + 1) * 127.5).expand(-1, 3, -1, -1)           # its input: RGB in [0, 255]
+    return (lambda a, b: net(to_255(a), to_255(b)).flatten()), 'LPIPS (VGG16, torch-fidelity)'

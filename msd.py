@@ -10,6 +10,7 @@ evaluation (of a student that may be smaller than the teacher).
 A checkpoint is one file holding the partition, every student's NetConfig and state_dict, and the
 run's config; it loads with torch.load(weights_only=True), so opening it never runs code.
 Run: python sample.py --ckpt runs/fashion/msd.pt --grid grid.png
+     python msd.py runs/fashion/msd.pt msd-bf16.pt --dtype bfloat16     (a copy with weights stored in bf16)
 """
 from dataclasses import asdict
 
@@ -65,11 +66,13 @@ class MSD(nn.Module):
         return out
 
 
-def msd_checkpoint(students, groups, num_classes, config: dict, **extra) -> dict:
-    """One plain dict: loadable with weights_only=True (tensors, lists, numbers, strings only)."""
+def msd_checkpoint(students, groups, num_classes, config: dict, dtype=None, **extra) -> dict:
+    """One plain dict: loadable with weights_only=True (tensors, lists, numbers, strings only). `dtype`
+    (e.g. torch.bfloat16) stores the weights in that type; loading casts them back to float32."""
+    cast = lambda sd: {k: v.to(dtype) if dtype is not None else v for k, v in sd.items()}
     return dict(kind='msd', num_classes=num_classes, partition=[list(g) for g in groups],
                 sigma_max=students[0].sigma_max,
-                students=[dict(net=asdict(s.net.cfg), state_dict=s.state_dict()) for s in students],
+                students=[dict(net=asdict(s.net.cfg), state_dict=cast(s.state_dict())) for s in students],
                 config=config, **extra)
 
 
@@ -106,3 +109,27 @@ def load_student(record, sigma_max, num_classes, where) -> Student:
     student = Student(cfg, float(sigma_max))
     student.load_state_dict(record['state_dict'])
     return student
+
+
+def main(argv=None):
+    """python msd.py IN OUT --dtype bfloat16: a checked copy of an MSD checkpoint with its weights stored
+    in another float type (half the bytes; the networks still run in float32)."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument('src'), ap.add_argument('dst')
+    ap.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16', 'float16'])
+    args = ap.parse_args(argv)
+    try:
+        msd, ckpt = load_msd(args.src), read_checkpoint(args.src, 'msd')
+        extra = {k: v for k, v in ckpt.items() if k not in ('kind', 'num_classes', 'partition', 'sigma_max', 'students', 'config')}
+        torch.save(msd_checkpoint(msd.students, msd.groups, msd.num_classes, ckpt.get('config', {}),
+                                  getattr(torch, args.dtype), **extra), args.dst)
+    except (ValueError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'wrote {args.dst} ({len(msd.students)} students, weights in {args.dtype})')
+
+
+if __name__ == '__main__':
+    main()

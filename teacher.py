@@ -7,7 +7,7 @@
   shapes as NVIDIA's `EDMPrecond` (e.g. `model.enc.64x64_block0.affine.weight`): an official EDM
   state_dict loads into it with strict=True. `forward(..., return_bottleneck=True)` returns the
   encoder's last feature map, where DMD2 attaches its GAN head.
-- `EDMPrecond` wraps any backbone that knows nothing of sigma (method.md section 1).
+- `EDMPrecond` wraps any backbone that knows nothing of sigma (EDM sec. 5, Table 1).
 - `heun_sampler` is EDM Algorithm 1 (deterministic, 2N-1 network evaluations), in float64 on the
   Karras grid, with each image's noise drawn from its own seed.
 - The EDM training loss lives in losses.py (`edm_loss`); train.py's teacher stage uses it.

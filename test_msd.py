@@ -20,9 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
+import bench as B
+import data as D
 import losses as L
 import partition as P
 import sample as S
+import msd as msd_module
 from msd import MSD, load_msd, msd_checkpoint
 from student import FakeScore, GANHead, Student, student_config
 from teacher import EDMPrecond, NetConfig, build_net, heun_sampler, load_teacher, seeded_noise, teacher_checkpoint
@@ -30,7 +33,7 @@ from teacher import EDMPrecond, NetConfig, build_net, heun_sampler, load_teacher
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = NetConfig(img_resolution=8, img_channels=1, label_dim=6, model_channels=8, channel_mult=(1, 2),
                  num_blocks=1, attn_resolutions=(4,), dropout=0.0, channels_per_head=8)
-HAVE_DATA = os.path.exists(S.FASHION_DIR)
+HAVE_DATA = os.path.exists(D.FASHION_DIR)
 
 
 def randomize(net, seed=0):
@@ -621,8 +624,7 @@ def test_routing_each_student_sees_only_its_labels_and_order_is_kept():
 
 def test_routed_batch_equals_each_image_from_its_own_student():
     """MSD(z, y)[i] = G_{k(y_i)}(z_i, y_i), image by image (the sort and scatter lose nothing), also
-    with the sizes given (the CUDA-graph path), for an empty batch, with the students stacked and with
-    one stream per student."""
+    with the sizes given (the CUDA-graph path) and for an empty batch."""
     teacher = randomize(build_net(TINY)).eval()
     groups = P.make_partition('random', 6, 3, seed=2)
     msd = MSD([randomize(Student.from_teacher(teacher), seed=k) for k in range(3)], groups, 6).eval()
@@ -636,11 +638,6 @@ def test_routed_batch_equals_each_image_from_its_own_student():
     assert msd(z[:0], y[:0]).shape == (0, 1, 8, 8)
     keep = owner != 1                                      # student 1 owns none of these: it is not run
     torch.testing.assert_close(msd(z[keep], y[keep]), ref[keep])
-    with torch.no_grad():                                  # the bench's batched variant: one vmapped network
-        torch.testing.assert_close(S.StackedMSD(msd)(z, y), ref)
-    run = S.concurrent(msd, torch.device('cpu'))           # one stream per student (no-op streams on a CPU)
-    torch.testing.assert_close(run(z, y, sizes), ref)
-    torch.testing.assert_close(run(z[keep], y[keep]), ref[keep])
 
 
 # ---------------------------------------------------------------- students and checkpoints
@@ -676,6 +673,27 @@ def test_checkpoint_round_trip(tmp_path):
         load_msd(tpath)
     with pytest.raises(ValueError, match="expected 'teacher'"):
         load_teacher(path)
+
+
+def test_msd_copy_with_bf16_weights(tmp_path):
+    """python msd.py IN OUT --dtype bfloat16: half the bytes; loads into float32 students whose weights
+    are the originals rounded to bf16 (8 significant bits), and the partition and config survive."""
+    teacher = randomize(build_net(TINY))
+    students = [randomize(Student.from_teacher(teacher), seed=k) for k in range(2)]
+    src, dst = str(tmp_path / 'msd.pt'), str(tmp_path / 'msd-bf16.pt')
+    torch.save(msd_checkpoint(students, [[0, 2, 4], [1, 3, 5]], 6, dict(note='test'), teacher='t.pt'), src)
+    msd_module.main([src, dst, '--dtype', 'bfloat16'])
+    ckpt = torch.load(dst, weights_only=True)
+    assert ckpt['partition'] == [[0, 2, 4], [1, 3, 5]] and ckpt['config'] == dict(note='test') and ckpt['teacher'] == 't.pt'
+    assert all(v.dtype == torch.bfloat16 for r in ckpt['students'] for v in r['state_dict'].values())
+    assert os.path.getsize(dst) < 0.7 * os.path.getsize(src)             # tiny networks: pickle overhead counts
+    loaded = load_msd(dst)
+    for a, b in zip(loaded.students, students):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p, q.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)
+    with pytest.raises(SystemExit):
+        msd_module.main([str(tmp_path / 'missing.pt'), dst])
 
 
 # ---------------------------------------------------------------- hostile checkpoints
@@ -910,8 +928,7 @@ def test_hostile_resume_state(tmp_path):
     bad = {'state': {i: {'step': torch.tensor(1.0), 'exp_avg': torch.zeros(1), 'exp_avg_sq': torch.zeros(1)}
                      for i in range(len(o.param_groups[0]['params']))}, 'param_groups': o.state_dict()['param_groups']}
     with pytest.raises(ValueError, match=f'{re.escape(p)} does not fit this run .*other shapes'):
-        with train.resuming(p):
-            train.load_optimizer(o, bad)
+        train.restore(p, {'opt': bad}, {'opt': o})
 
 
 # ---------------------------------------------------------------- data
@@ -926,16 +943,16 @@ def test_edm_zip_dataset(tmp_path):
             zf.writestr(f'00000/img{i:08d}.png', buf.getvalue())
             labels.append([f'00000/img{i:08d}.png', i % 3])
         zf.writestr('dataset.json', json.dumps({'labels': labels}))
-    data = S.load_data(str(path))
-    assert data.shape == (3, 8, 8) and data.num_classes == 3 and len(data) == 6
+    data = D.load_data(str(path))
+    assert data.shape == (3, 8, 8) and data.num_classes == 3 and len(data) == 6 and data.path == str(path)
     x, y = data.get(torch.tensor([5, 1]))
     assert y.tolist() == [2, 1] and abs(x[0].mean().item() - (200 / 127.5 - 1)) < 1e-6
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
 def test_fashion_mnist_reads():
-    data = S.load_data('')
-    assert len(data) == 60000 and data.shape == (1, 28, 28) and data.num_classes == 10
+    data = D.load_data('')
+    assert len(data) == 60000 and data.shape == (1, 28, 28) and data.num_classes == 10 and data.path == D.FASHION_DIR
     x, _ = data.get(torch.arange(100))
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.3
 
@@ -953,7 +970,7 @@ TINY_RUN = ['--preset', 'smoke', '--teacher_steps', '4', '--tsm_steps', '2', '--
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
-def test_every_stage_then_sample_and_resume_and_profile(tmp_path, capsys):
+def test_every_stage_then_sample_and_resume(tmp_path):
     import train
     out = str(tmp_path / 'run')
     args = TINY_RUN + ['--out', out, '--students', '3', '--dm_steps', '1', '--ratio', '1']   # the loop: spy tests above
@@ -974,17 +991,6 @@ def test_every_stage_then_sample_and_resume_and_profile(tmp_path, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
     S.main(['--ckpt', os.path.join(out, 'msd.pt'), '--grid', str(tmp_path / 'g.png'), '--per_class', '2'])
     assert Image.open(tmp_path / 'g.png').size == (2 * 30 + 2, 10 * 30 + 2)
-    # --profile N: iterations/s of DM and ADM, the busiest operations and Chrome traces; trains nothing.
-    capsys.readouterr()
-    prof = str(tmp_path / 'prof')
-    train.main(train.parse_args(TINY_RUN + ['--out', prof, '--teacher', os.path.join(out, 'teacher.pt'), '--stages', 'dm,adm',
-                                            '--profile', '1', '--ratio', '1', '--batch', '2']))
-    text = capsys.readouterr().out
-    for stage in ('dm', 'adm'):
-        assert f'\n{stage}: ' in text and 'convolution' in text
-        with open(os.path.join(prof, f'profile-{stage}.json')) as f:
-            assert json.load(f)['traceEvents']
-    assert 'iterations/s' in text and not os.path.exists(os.path.join(prof, 'student0.pt'))
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
@@ -1215,6 +1221,8 @@ def test_sigkill_then_resume_gives_bitwise_the_same_run(tmp_path):
     p.wait()
     assert not os.path.exists(os.path.join(b, 'msd.pt')), 'the run finished before it could be killed'
     assert ref.wait() == 0, ref.stderr.read()[-1000:]
+    if torch.load(target, weights_only=True)['step'] >= 3:                   # --dm_steps 3: DM already over
+        pytest.skip('the kill landed after the DM stage ended (a busy CPU): no mid-stage resume to compare')
     r = run_cli(['train.py', '--out', b] + RESUME_RUN)
     assert r.returncode == 0, r.stderr[-1000:]
     for name in ('teacher.pt', 'msd.pt'):
@@ -1315,7 +1323,7 @@ def test_bad_files_one_line_errors(tmp_path, capsys):
     # Corrupt data: a truncated gzip IDX file.
     bad = tmp_path / 'fmnist'
     bad.mkdir()
-    raw = gzip.open(os.path.join(S.FASHION_DIR, 'train-images-idx3-ubyte.gz')).read(5000)
+    raw = gzip.open(os.path.join(D.FASHION_DIR, 'train-images-idx3-ubyte.gz')).read(5000)
     (bad / 'train-images-idx3-ubyte.gz').write_bytes(gzip.compress(raw)[:3000])
     (bad / 'train-labels-idx1-ubyte').write_bytes(b'\x00\x00\x08\x01' + (60000).to_bytes(4, 'big') + bytes(10))
     err = cli_error(train.cli, ['--out', str(tmp_path / 'r1'), '--data', str(bad)], capsys)
@@ -1344,39 +1352,64 @@ def test_bad_files_one_line_errors(tmp_path, capsys):
                                                    '--outdir', str(tmp_path / 'imgs')], capsys)
 
 
-def test_bench_reports_every_generator(capsys):
+def test_bench_reports_every_generator(tmp_path, capsys):
+    """bench.py: the teacher, one student, MSD with mixed labels, one student on MSD's sub-batches and a
+    smaller student, each timed; the speed-up and the routing overhead with its bound; the batch sweep;
+    a missing teacher is a one-line error."""
     teacher = randomize(build_net(TINY)).eval()
     msd = MSD([Student.from_teacher(teacher) for _ in range(2)], [[0, 1, 2], [3, 4, 5]], 6).eval()
-    out = S.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=3)
-    speeds = {k: v for k, v in out.items() if not k.startswith(('routing', 'sub-batches')) and '/' not in k}
-    assert len(speeds) == 6 and all(v > 0 for v in speeds.values())
-    assert out['one student / teacher'] > 1                  # 3 NFE (heun_steps 2) against 1
-    assert -1 < out['routing overhead, eager'] < 1
-    assert 0 < out['routing alone, ms'] < 1000 * 4 / speeds['one student (1 NFE)']   # cheaper than one student's call
-    assert 'routing overhead, eager: MSD with mixed labels gives' in capsys.readouterr().out
+    out = B.bench(msd, teacher, 4, 2, torch.device('cpu'), widths=(0.5,), repeats=3)
+    speeds = {k: v for k, v in out.items() if k not in ('speed-up', 'smaller batches alone') and not k.startswith('routing')}
+    assert len(speeds) == 5 and all(v > 0 for v in speeds.values())
+    assert out['speed-up'] > 1                                 # 3 NFE (heun_steps 2) against 1
+    assert -1 < out['routing overhead, eager'] < 1 and -1 < out['smaller batches alone'] < 1
+    text = capsys.readouterr().out
+    assert '| one student (1 NFE) ' in text and '| student at width 0.5 (4 ch, random weights) ' in text
+    assert 'routing overhead, eager: MSD, 2 students, mixed labels gives' in text and 'bound: at most 10% fewer' in text
+    assert set(B.batch_sweep(msd, [1, 6], (1, 8, 8), torch.device('cpu'), repeats=1)) == {('eager', 1), ('eager', 6)}
+    assert '\n| 6     |' in capsys.readouterr().out
+    torch.save(msd_checkpoint(list(msd.students), msd.groups, 6, {}), tmp_path / 'msd.pt')    # no teacher recorded
+    assert 'give --teacher' in cli_error(B.cli, ['--ckpt', str(tmp_path / 'msd.pt')], capsys)
 
 
 def test_round_robin_overhead_of_a_generator_twice_as_slow_is_one_half():
-    def gen(seconds):
-        return lambda z, y: time.sleep(seconds)
-    t_a, t_b, t_c = S.round_robin_times([(gen(0.05), torch.zeros(2), 6), (gen(0.1), torch.zeros(2), 6),
-                                         (gen(0.0), torch.zeros(2), 3)], (1, 2, 2), torch.device('cpu'))
+    sleep = lambda seconds: (lambda z, y: time.sleep(seconds))
+    a, b, c = (B.Row(name, sleep(t), torch.zeros(2), calls) for name, t, calls in (('a', 0.05, 6), ('b', 0.1, 6), ('c', 0.0, 3)))
+    B.round_robin([a, b, c], (1, 2, 2), torch.device('cpu'))
+    t_a, t_b, t_c = a.times, b.times, c.times
     assert [t is not None for t in t_c] == [False, True] * 3    # 3 calls spread evenly over 6 rounds
     assert all(t is not None for t in t_a + t_b)
-    assert 0.4 < S.overhead(t_a, t_b) < 0.6                   # 1 - t_a / t_b = 1 - 0.05 / 0.1
-    assert -1.2 < S.overhead(t_b, t_a) < -0.8                 # b is the faster: 1 - 0.1 / 0.05 = -1
-    assert 1.8 < S.time_ratio(t_b, t_a) < 2.2
+    assert 0.4 < B.overhead(t_a, t_b) < 0.6                   # 1 - t_a / t_b = 1 - 0.05 / 0.1
+    assert -1.2 < B.overhead(t_b, t_a) < -0.8                 # b is the faster: 1 - 0.1 / 0.05 = -1
+    assert 1.8 < B.time_ratio(t_b, t_a) < 2.2 and 15 < a.images_per_s < 45    # 2 images in ~0.05 s
     slow = [None, 1.0, None, 1.0, None, 1.0]                  # ratios only within rounds where both ran
-    assert S.time_ratio(slow, [9.0, 0.5, 9.0, 0.5, 9.0, 0.5]) == 2.0
+    assert B.time_ratio(slow, [9.0, 0.5, 9.0, 0.5, 9.0, 0.5]) == 2.0
     with pytest.raises(ValueError):
-        S.time_ratio(slow, [1.0, None] * 3)
+        B.time_ratio(slow, [1.0, None] * 3)
+
+
+def test_bench_train_profiles_dm_and_adm_iterations(tmp_path, capsys):
+    """bench.py --train: iterations/s of train.py's DM and ADM iterations, the busiest operations and Chrome
+    traces; nothing is trained or saved."""
+    import train
+    teacher = randomize(build_net(FLAT)).eval()
+    data = D.ImageData(torch.arange(6).repeat(4), 6, (1, 8, 8), images=torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8))
+    cfg = train.Config(out=str(tmp_path), students=2, batch=2, ratio=1, warmup=1, device='cpu')
+    rates = B.profile_training(cfg, data, teacher, 1, str(tmp_path))
+    text = capsys.readouterr().out
+    assert set(rates) == {'dm', 'adm'} and all(r > 0 for r in rates.values()) and 'iterations/s' in text
+    for stage in ('dm', 'adm'):
+        assert f'{stage}: ' in text and 'convolution' in text
+        with open(tmp_path / f'profile-{stage}.json') as f:
+            assert json.load(f)['traceEvents']
+    assert sorted(os.listdir(tmp_path)) == ['profile-adm.json', 'profile-dm.json']
 
 
 def test_keep_freed_memory_stops_page_faults():
     """glibc would mmap each 64 MiB block afresh and fault in its 16,384 pages on every allocation."""
     import resource
     if S.keep_freed_memory() < 2 ** 26:
-        pytest.skip('needs glibc taking an mmap threshold above 64 MiB (and MSD_RETURN_MEMORY unset)')
+        pytest.skip('needs glibc taking an mmap threshold above 64 MiB')
     faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):                      # the heap grows a few times (aligned blocks fragment it), then settles
         torch.empty(2 ** 24).fill_(1)
@@ -1397,22 +1430,63 @@ def test_smaller_student_widths_build_at_imagenet_size(width):
         assert build_net(small)(torch.zeros(1, 3, 64, 64), torch.ones(1), torch.tensor([3])).shape == (1, 3, 64, 64)
 
 
-def test_channels_last_variant_computes_the_same_images():
-    st = Student.from_teacher(randomize(build_net(TINY))).eval()
-    z, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 5])
-    (name, fn), = S.variants(st, (1, 8, 8), 3, torch.device('cpu'))
-    with torch.no_grad():
-        torch.testing.assert_close(fn(z, y), st(z, y), rtol=1e-5, atol=1e-5)
-
-
 def test_frechet_distance_closed_forms():
-    """Shifting features by c gives FID |c|^2; scaling by a gives (1 - a)^2 (|mu|^2 + tr S) (equal-shape covariances)."""
-    import experiments as E
+    """Shifting features by c gives FID |c|^2; scaling by a gives (1 - a)^2 (|mu|^2 + tr S) (equal-shape
+    covariances); two Gaussians with commuting covariances diag(s1^2), diag(s2^2) give |mu1 - mu2|^2 + |s1 - s2|^2."""
     f = torch.randn(300, 6, generator=torch.Generator().manual_seed(0)).double() @ torch.randn(6, 6, generator=torch.Generator().manual_seed(1)).double()
     c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0], dtype=torch.float64)
-    assert abs(E.frechet(f, f + c) - c.square().sum().item()) < 1e-6
+    assert abs(S.frechet(f, f + c) - c.square().sum().item()) < 1e-6
     a, mu, cov = 0.5, f.mean(0), torch.cov(f.T)
-    assert abs(E.frechet(f, a * f) - (1 - a) ** 2 * (mu.square().sum() + cov.trace()).item()) < 1e-6
+    assert abs(S.frechet(f, a * f) - (1 - a) ** 2 * (mu.square().sum() + cov.trace()).item()) < 1e-6
+    z = f - f.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T          # sample mean 0, sample covariance I
+    s1, s2 = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 0.1]).double(), torch.tensor([2.0, 2.0, 1.0, 0.5, 1.0, 1.0]).double()
+    mu1, mu2 = torch.zeros(6).double(), torch.arange(6).double()
+    expected = (mu1 - mu2).square().sum() + (s1 - s2).square().sum()
+    assert abs(S.frechet(z * s1 + mu1, z * s2 + mu2) - expected.item()) < 1e-6
+
+
+class FakeInception(torch.nn.Module):
+    """Stands in for the Inception in the FID path: features are a fixed linear map of the 3-channel
+    uint8 image; counts the images it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(0)))
+        self.seen = 0
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 8, 8)
+        self.seen += len(x)
+        return (x.flatten(1).float() @ self.w,)
+
+
+def test_fid_reference_is_cached_per_dataset_and_count(tmp_path, monkeypatch):
+    """sample.py's one FID path: the reference features of n_ref training images (a fixed subset) are
+    computed once per data path and n_ref, then read from the cache; fid() generates with seeds
+    seed0.. and balanced labels and takes the Frechet distance to them."""
+    monkeypatch.setattr(S, 'CACHE', str(tmp_path / 'cache'))
+    images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = lambda path: D.ImageData(torch.arange(30) % 6, 6, (1, 8, 8), images=images, path=path)
+    net, a = FakeInception(), data(str(tmp_path / 'a'))
+    ref, labels = S.reference(a, 10, net)
+    idx = torch.randperm(30, generator=torch.Generator().manual_seed(123))[:10]
+    assert net.seen == 10 and torch.equal(labels, a.labels[idx])
+    again, _ = S.reference(a, 10, net)
+    assert net.seen == 10 and torch.equal(again, ref)                     # from the cache
+    torch.testing.assert_close(ref, net(images[idx].expand(-1, 3, -1, -1))[0])
+    S.reference(a, 20, net)                                               # another count,
+    S.reference(data(str(tmp_path / 'b')), 10, net)                       # another dataset,
+    S.reference(data(None), 10, net)                                      # an unnamed one, not cached:
+    S.reference(data(None), 10, net)
+    assert net.seen == 10 + 10 + 20 + 10 + 10 + 10
+    assert S.reference(a, 1000, net)[0].shape == (30, 16)                 # n_ref beyond the data: all of it
+    asked = []
+    gen = lambda z, y: asked.append(y) or z.clamp(-1, 1)
+    value = S.fid(gen, a, 12, 10, seed0=5, extractor=net)
+    assert torch.equal(torch.cat(asked), torch.arange(12) % 6)
+    fake = S.generate(lambda z, y: z.clamp(-1, 1), list(range(5, 17)), torch.arange(12) % 6, (1, 8, 8))
+    assert value == S.frechet(S.features(fake, net), ref)
 
 
 def test_report_tables_verdicts_and_plot(tmp_path):

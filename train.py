@@ -10,25 +10,22 @@ Stages (--stages, in this order; each resumes from the last checkpoint of the on
 
     python train.py                                         # Fashion-MNIST, 4 students, 1 process
     python train.py --preset smoke --out runs/smoke         # every stage in a minute or two
-    python train.py --profile 3 --out runs/profile          # time and profile DM / ADM iterations
     torchrun --standalone --nproc_per_node 2 train.py --students 4 --preset smoke
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 train.py --students 4 ...
 
-Ranks and students: with N ranks and K students, N >= K gives each student N/K ranks that average
-their gradients over the student's own process subgroup (data parallel); N < K gives rank r the
-students r, r+N, ... one after another. The teacher stage is data parallel over all ranks.
-The run folder (on a filesystem every rank sees) holds config.json, teacher.pt, ckpt/ (resumable
-per-stage, per-student state), student{k}.pt, msd.pt, grids/ and metrics.jsonl.
+Ranks and students: with N ranks and K students, N >= K gives each student a process subgroup of N/K ranks
+that average their gradients (data parallel); N < K gives rank r the students r, r+N, ... one after another.
+The teacher stage is data parallel over all ranks. The run folder (on a filesystem every rank sees) holds
+config.json, teacher.pt, ckpt/ (resumable state per stage and student), student{k}.pt, msd.pt, grids/, metrics.jsonl.
 """
 import argparse
 import contextlib
-import dataclasses
+import datetime
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -36,6 +33,7 @@ import torch.distributed as dist
 import losses as L
 import partition as P
 import sample as S
+from data import FASHION_DIR, ImageData, load_data
 from msd import MSD, load_student, msd_checkpoint
 from student import FakeScore, Student
 from teacher import NetConfig, build_net, count_params, load_teacher, read_checkpoint, reason, teacher_checkpoint
@@ -51,16 +49,14 @@ def opt(default, help):
 class Config:
     # run
     out: str = opt('runs/fashion', 'run folder: config, checkpoints, grids, metrics (resumes if it exists)')
-    data: str = opt('', 'Fashion-MNIST IDX folder, or an EDM dataset (folder or .zip of PNGs + dataset.json); '
-                        f'empty: {S.FASHION_DIR}')
+    data: str = opt('', f'Fashion-MNIST IDX folder, or EDM dataset folder/.zip of PNGs; empty: {FASHION_DIR}')
     stages: str = opt('teacher,tsm,dm,adm', 'comma-separated stages to run, from: ' + ','.join(STAGES))
-    teacher: str = opt('', 'teacher checkpoint to distil; empty: the run folder\'s teacher.pt, trained by the teacher stage')
+    teacher: str = opt('', 'teacher checkpoint to distil; empty: the teacher.pt the teacher stage trains in --out')
     students: int = opt(4, 'K, the number of students (1 <= K <= number of classes)')
     partition: str = opt('contiguous', 'how classes are split among students: ' + ', '.join(P.STRATEGIES))
-    partition_file: str = opt('', 'JSON file with the partition as a list of K lists of class indices (overrides --partition)')
+    partition_file: str = opt('', 'JSON partition: K lists of class indices (overrides --partition)')
     seed: int = opt(0, 'random seed (rank r uses seed + r)')
-    only_students: str = opt('', 'train only these students here, e.g. 0,2 (several processes sharing one GPU); '
-                                 'a later run without it finds them done and writes msd.pt')
+    only_students: str = opt('', 'train only these students here, e.g. 0,2; a later run without it writes msd.pt')
     skip_nonfinite: int = opt(0, '1: skip an update whose loss or gradient is NaN/inf instead of stopping the run')
     device: str = opt('auto', 'auto, cpu or cuda')
     # teacher network (ignored when --teacher is given: the checkpoint has its own)
@@ -92,43 +88,38 @@ class Config:
     ratio: int = opt(5, 'critic (fake score) updates per generator update (TTUR, DMD2: 5)')
     gan_gen_weight: float = opt(3e-3, 'GAN generator loss weight (DMD2: 3e-3)')
     gan_critic_weight: float = opt(1e-2, 'GAN critic loss weight (DMD2: 1e-2)')
-    regression_weight: float = opt(0.0, 'DM-stage regression loss weight on teacher pairs (DMD: 0.25 with LPIPS; here a pixel L2, so retune; 0 = off)')
+    regression_weight: float = opt(0.0, 'DM regression loss weight (DMD: 0.25 with LPIPS; L2 without; 0: off)')
     regression_pairs: int = opt(256, 'number of teacher (z -> Heun sample) pairs, over all classes')
     # logging and evaluation
     log_every: int = opt(10, 'log losses every this many steps')
-    grid_every: int = opt(10, 'also write a student sample grid every this many generator steps (0: end of each stage only)')
+    grid_every: int = opt(10, 'also a student sample grid every this many generator steps (0: stage end only)')
     ckpt_every: int = opt(50, 'save resumable state every this many steps')
     snapshot_every: int = opt(0, 'also keep the student every this many generator steps in snapshots/ (0: off)')
     fid_samples: int = opt(500, 'samples for the final FID of teacher and MSD (0: skip FID)')
     fid_ref: int = opt(500, 'training images in the FID reference statistics (cached)')
     fid_teacher: int = opt(1, 'also measure the teacher\'s FID at the end (0: skip; costly at scale)')
-    compile: int = opt(0, '1: torch.compile the student, fake-score and teacher networks (compiles for minutes first; '
-                          'measure the gain with --profile before a long run)')
-    profile: int = opt(0, 'instead of training: time N DM and N ADM iterations of student 0, profile one of each '
-                          '(top operations; on CUDA host-device syncs counted) and write OUT/profile-{dm,adm}.json')
+    compile: int = opt(0, '1: torch.compile student, fake score, teacher (minutes; measure with bench.py --train)')
 
 
 # The committed Fashion-MNIST teacher (model card: checkpoints/fashion-teacher.md).
 FASHION_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'checkpoints', 'fashion-teacher.pt')
 
 PRESETS = {
-    # The default main job: Fashion-MNIST, 4 same-size students distilled from the committed teacher
-    # (sizes set by a 2-core CPU budget: lr 1e-4 for the tiny students; see README). --teacher '' trains
-    # a teacher first (the teacher stage, with this network: 1.4M parameters).
-    'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER),
+    # The default main job: 4 same-size students distilled from the committed Fashion-MNIST teacher, sized
+    # for `make run` on a 2-core CPU (2 ranks) in 30 minutes. FID-1k curves of this teacher's students:
+    # lr 1e-4 beats 3e-4 and 1e-3; ratio 2 diverges in ADM; GAN generator weight 3e-2 (10x DMD2's) gains
+    # more per ADM update than 3e-3. --teacher '' trains a teacher first (1.4M parameters).
+    'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, dm_steps=70, adm_steps=55, warmup=20,
+                      gan_gen_weight=3e-2, fid_samples=1000, fid_ref=1000),
     # Every stage, smaller students included, tiny sizes: the CI / torchrun check.
     'smoke': Config(out='runs/smoke', stages='teacher,tsm,dm,adm', model_channels=16, channel_mult='1,2',
                     num_blocks=1, attn_resolutions='14', channels_per_head=16, teacher_steps=30,
                     teacher_batch=16, teacher_lr=2e-3, heun_steps=4, student_width=0.5, batch=8, tsm_steps=6,
                     dm_steps=3, adm_steps=2, ratio=2, warmup=2, log_every=2, ckpt_every=2, fid_samples=0,
                     regression_weight=0.25, regression_pairs=8),
-    # The paper's ImageNet-64 setting (method.md sections 2-3; DMD2's hyper-parameters) for NVIDIA's
-    # edm-imagenet-64x64-cond-adm.pkl: give --teacher and --data. 4 contiguous students of 250 classes,
-    # AdamW lr 2e-6, wd 0.01, clip 10, 5 critic updates per generator update, GAN weights 3e-3 / 1e-2,
-    # batch 40 per GPU, bf16 on CUDA. dm_steps counts generator updates: 4000 = DMD2/MSD's 20k iterations.
-    # ADM resumes from the DM checkpoint at adm_lr 5e-7, the learning rate of DMD2's best ImageNet run (FID 1.28),
-    # which resumed its 2e-6 DM run with the GAN at 5e-7 for generator and critic; no ADM learning rate of MSD's
-    # own was found in its paper, so DMD2's is taken.
+    # MSD's ImageNet-64 setting with DMD2's hyper-parameters, for NVIDIA's edm-imagenet-64x64-cond-adm.pkl (give
+    # --teacher and --data): 4 students of 250 classes, batch 40 per GPU, bf16; 4000 generator steps = 20k iterations.
+    # ADM at 5e-7: DMD2's best ImageNet run (FID 1.28) resumed its 2e-6 DM run with the GAN at 5e-7 (MSD gives none).
     # Smaller students: --student_width 0.67 (128 channels, 55.5% fewer parameters) --stages tsm,dm,adm.
     'imagenet64': Config(out='runs/imagenet64', stages='dm,adm', students=4, partition='contiguous',
                          model_channels=192, channel_mult='1,2,3,4', num_blocks=3, attn_resolutions='32,16,8',
@@ -143,19 +134,16 @@ PRESETS = {
 def parse_args(argv=None) -> Config:
     """argparse generated from the Config dataclass; --preset picks the defaults, flags override."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--preset', default='fashion', help=f'starting defaults: {", ".join(PRESETS)} (default: fashion)')
+    ap.add_argument('--preset', default='fashion', choices=PRESETS, help='starting defaults (default: fashion)')
     for f in fields(Config):
         ap.add_argument('--' + f.name, type=f.type, default=None,
                         help=f'{f.metadata["help"]} (fashion: {getattr(PRESETS["fashion"], f.name)!r})')
     args = ap.parse_args(argv)
-    if args.preset not in PRESETS:
-        ap.error(f'unknown preset {args.preset!r}: choose one of {", ".join(PRESETS)}')
-    cfg = PRESETS[args.preset]
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    return dataclasses.replace(cfg, **overrides)
+    return replace(PRESETS[args.preset], **overrides)
 
 
-def net_config(cfg: Config, data: S.ImageData) -> NetConfig:
+def net_config(cfg: Config, data: ImageData) -> NetConfig:
     ints = lambda s: tuple(int(v) for v in s.split(',') if v)
     return NetConfig(img_resolution=data.shape[-1], img_channels=data.shape[0], label_dim=data.num_classes,
                      model_channels=cfg.model_channels, channel_mult=ints(cfg.channel_mult),
@@ -163,27 +151,24 @@ def net_config(cfg: Config, data: S.ImageData) -> NetConfig:
                      dropout=cfg.dropout, channels_per_head=cfg.channels_per_head)
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed plumbing: one code path for 1 or N processes.
+# ---- Distributed plumbing: one code path for 1 or N processes.
 
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device('cpu')
-
-    @property
-    def main(self):
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)            # rank 0 prints and writes the run's files
 
 
 def init_dist(cfg: Config) -> Dist:
+    """This process's rank, world size and device; torchrun's environment starts a process group (NCCL or gloo)."""
     cuda = torch.cuda.is_available() if cfg.device == 'auto' else cfg.device == 'cuda'
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda but no CUDA device is visible')
     d = Dist()
     if 'RANK' in os.environ:                                   # launched by torchrun
-        dist.init_process_group('nccl' if cuda else 'gloo')
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(hours=4))  # rank 0's final FID
         d.rank, d.world = dist.get_rank(), dist.get_world_size()
     if cuda:
         local = int(os.environ.get('LOCAL_RANK', 0))
@@ -193,37 +178,32 @@ def init_dist(cfg: Config) -> Dist:
     return d
 
 
-def student_plan(rank, world, k):
-    """(students this rank trains, ranks per student). N >= K: K groups of N/K ranks; N < K: round robin."""
-    if world >= k:
-        if world % k:
-            raise ValueError(f'{world} ranks cannot be split evenly among {k} students (use a multiple of K, or fewer ranks than K)')
-        per = world // k
-        return [rank // per], per
-    return list(range(rank, k, world)), 1
+def student_plan(d, k):
+    """(students this rank trains, ranks per student, each student's process subgroup). N >= K ranks: K
+    data-parallel subgroups of N/K ranks; N < K: rank r trains students r, r+N, ... one after another."""
+    if d.world < k:
+        return list(range(d.rank, k, d.world)), 1, [None] * k
+    if d.world % k:
+        raise ValueError(f'{d.world} ranks cannot be split evenly among {k} students '
+                         '(use a multiple of K, or fewer ranks than K)')
+    n = d.world // k        # every rank creates every subgroup, in the same order (torch.distributed requires it)
+    groups = [dist.new_group(list(range(s * n, (s + 1) * n))) for s in range(k)] if n > 1 else [None] * k
+    return [d.rank // n], n, groups
 
 
 def average_gradients(params, group, n):
-    """Data parallelism by hand: one flat all-reduce of all gradients over the student's subgroup,
-    divided by its size, so n ranks at batch B take the same step as 1 rank at batch nB. (Done
-    explicitly rather than with DistributedDataParallel because the critic runs several forwards
-    per backward, which DDP's reducer hooks do not allow.)"""
-    if n == 1:
-        return
-    params = [p for p in params if p.grad is not None]        # the same set on every rank (same code path)
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat, group=group)
-    flat /= n
-    offset = 0
-    for p in params:
-        p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+    """Data parallelism by hand: one flat all-reduce of the gradients over the subgroup, divided by its size, so
+    n ranks at batch B step as 1 rank at batch nB. (Not DDP: its hooks refuse the critic's forwards per backward.)"""
+    if n > 1:
+        grads = [p.grad for p in params if p.grad is not None]     # the same set on every rank (same code path)
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=group)
+        for g, avg in zip(grads, flat.div_(n).split([g.numel() for g in grads])):
+            g.copy_(avg.view_as(g))
 
 
 def upload(t, device):
-    """A host tensor to the device without stalling the host: staged in pinned memory and copied
-    asynchronously. (A plain .to('cuda') from pageable memory synchronises the stream, i.e. waits for
-    all queued GPU work, once per call.)"""
+    """Host to device through pinned memory, asynchronously (.to('cuda') from pageable memory waits for the GPU)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t
 
 
@@ -232,8 +212,9 @@ def autocast(device):
     return torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
-# ----------------------------------------------------------------------------------------------
-# Logging, progress, checkpoints.
+# ---- Metrics and checkpoints. A resumable state (ckpt/, kind 'state') holds the state_dicts of its parts
+# (networks, optimisers, schedulers) and every rank's RNG states: a resumed run draws the numbers an uninterrupted
+# one would.
 
 def log_metrics(cfg, record):
     with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
@@ -269,6 +250,18 @@ def load_state(path):
     return read_checkpoint(path, 'state') if os.path.exists(path) else None
 
 
+def save_state(path, parts, gen, group, n, leader, **info):
+    """Gather the RNG states (global, the data generator `gen`, CUDA) of the group's n ranks in rank order;
+    the leader writes them with the state_dicts of `parts` and `info`."""
+    rng = dict(torch=torch.get_rng_state(), data=gen.get_state(),
+               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8))
+    rngs = [rng] if n == 1 else [None] * n
+    if n > 1:
+        dist.all_gather_object(rngs, rng, group=group)
+    if leader:
+        atomic_save(dict(kind='state', **{name: p.state_dict() for name, p in parts.items()}, rng=rngs, **info), path)
+
+
 @contextlib.contextmanager
 def resuming(path):
     """Restoring saved state: contents that do not fit this run end in a one-line error."""
@@ -278,49 +271,48 @@ def resuming(path):
         raise ValueError(f'{path} does not fit this run ({reason(e)})') from None
 
 
-def load_optimizer(o, state):
-    """Optimizer.load_state_dict, which leaves the moments' shapes unchecked (a fused step would fail)."""
-    o.load_state_dict(state)
-    if any(torch.is_tensor(v) and v.ndim and v.shape != p.shape for p, s in o.state.items() for v in s.values()):
-        raise ValueError('optimizer state of other shapes than the parameters')
+def restore(path, state, parts, gen=None, rank=0, rank0_if_new=False):
+    """Load `parts` from a saved state and, given `gen`, the RNG states saved by the group's rank `rank`
+    (rank0_if_new: rank 0's for a rank the saved run did not have); returns the saved step."""
+    with resuming(path):
+        for name, p in parts.items():
+            p.load_state_dict(state[name])
+            # Optimizer.load_state_dict leaves the moments' shapes unchecked (a fused step would fail).
+            if isinstance(p, torch.optim.Optimizer) and any(torch.is_tensor(v) and v.ndim and v.shape != q.shape
+                                                            for q, s in p.state.items() for v in s.values()):
+                raise ValueError('optimizer state of other shapes than the parameters')
+        if gen is None:
+            return 0
+        rng = state['rng'][0 if rank0_if_new and rank >= len(state['rng']) else rank]
+        torch.set_rng_state(rng['torch'])
+        gen.set_state(rng['data'])
+        if torch.cuda.is_available() and rng['cuda'].numel():
+            torch.cuda.set_rng_state(rng['cuda'])
+        return int(state['step'])
 
 
-def rng_state(gen):
-    return dict(torch=torch.get_rng_state(), data=gen.get_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8))
-
-
-def set_rng_state(state, gen):
-    torch.set_rng_state(state['torch'])
-    gen.set_state(state['data'])
-    if torch.cuda.is_available() and state['cuda'].numel():
-        torch.cuda.set_rng_state(state['cuda'])
-
+# ---- The optimiser step, shared by every stage.
 
 def make_optimizer(params, lr, cfg, adam=False, steps_per_update=1):
-    """AdamW (Adam for the teacher) with a linear warm-up over cfg.warmup iterations; an optimiser that
-    steps once every `steps_per_update` iterations (the generator under TTUR) warms up over the same
-    number of iterations, as in DMD2, where every scheduler steps once per iteration."""
-    # fused: one kernel for all parameters, on CUDA and on the CPU (measured here: 4 ms per AdamW step of
-    # the 1.4M-parameter network, against 21 ms for the per-tensor loop and 14 ms for foreach).
-    if adam:
-        o = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
-    else:
-        o = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True)
+    """AdamW (Adam for the teacher) with a linear warm-up over cfg.warmup iterations; an optimiser that steps
+    once every `steps_per_update` iterations (the generator under TTUR) warms up over as many iterations (DMD2)."""
+    # fused: one kernel for all parameters, CUDA and CPU (here: 4 ms per AdamW step of the 1.4M-parameter
+    # network, against 21 ms for the per-tensor loop and 14 ms for foreach).
+    adam_or_adamw = torch.optim.Adam if adam else torch.optim.AdamW
+    o = adam_or_adamw(params, lr=lr, betas=(0.9, 0.999), weight_decay=0 if adam else cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) * steps_per_update / max(cfg.warmup, 1)))
     return o, sched
 
 
 def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=''):
-    """Average gradients over the group, clip, step; returns (grad norm, {loss name: value}) as floats.
-    A non-finite loss or gradient stops the run with a message naming where it happened (nothing is
-    saved after it, so the last checkpoint is the last good state), or, with --skip_nonfinite 1, skips
-    this update. The decision is taken jointly by all ranks of the group, so they never diverge.
-    Losses come in as device tensors: their values, the norm and the verdict reach the host in one
-    transfer, the only host-device synchronisation of an update."""
+    """Average gradients over the group, clip, step; returns (grad norm, {loss name: value}) as floats. A
+    non-finite loss or gradient stops the run with a message naming where (the last checkpoint stays the last
+    good state) or, with --skip_nonfinite 1, skips the update: decided by all ranks of the group together.
+    Losses, norm and verdict reach the host in one transfer, the update's only host-device synchronisation."""
     average_gradients(params, group, n)
     losses = losses or {}
-    vals = torch.stack([torch.nn.utils.clip_grad_norm_(params, cfg.clip).float()] + [v.detach().float() for v in losses.values()])
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    vals = torch.stack([norm.float()] + [v.detach().float() for v in losses.values()])
     bad = (~torch.isfinite(vals)).any().float().reshape(1)
     if n > 1:
         dist.all_reduce(bad, group=group)
@@ -328,7 +320,8 @@ def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=
     gn, losses = vals[0], dict(zip(losses, vals[1:]))
     if bad:
         opt.zero_grad(set_to_none=True)
-        msg = f'{where}: non-finite ' + ', '.join(f'loss {k} = {v:.4g}' for k, v in losses.items()) + f', grad norm {gn:.4g}'
+        msg = f'{where}: non-finite ' + ', '.join(f'loss {k} = {v:.4g}' for k, v in losses.items())
+        msg += f', grad norm {gn:.4g}'
         if not cfg.skip_nonfinite:
             raise FloatingPointError(msg + ' (last good checkpoint kept; --skip_nonfinite 1 skips such steps)')
         print(f'skipped update: {msg}', file=sys.stderr, flush=True)
@@ -339,10 +332,11 @@ def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=
     return gn, losses
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage: teacher (EDM denoising loss, data parallel over all ranks, EMA weights are the teacher).
+# ---- Stage: teacher (EDM denoising loss, data parallel over all ranks, EMA weights are the teacher).
 
-def train_teacher(cfg, d: Dist, data: S.ImageData):
+def train_teacher(cfg, d: Dist, data: ImageData):
+    """EDM's denoising loss (EDM eq. 8) with Adam; the EMA of the weights is the teacher, written to
+    teacher.pt with a grid of its Heun samples. Resumes from ckpt/teacher.pt."""
     path = os.path.join(cfg.out, 'teacher.pt')
     if os.path.exists(path):
         return
@@ -353,41 +347,36 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
     ema.load_state_dict(net.state_dict())
     params = list(net.parameters())
     o, sched = make_optimizer(params, cfg.teacher_lr, cfg, adam=True)
-    state_path = os.path.join(cfg.out, 'ckpt', 'teacher.pt')
-    step, state = 0, load_state(state_path)
-    if state is not None:
-        with resuming(state_path):
-            net.load_state_dict(state['net']); ema.load_state_dict(state['ema'])
-            load_optimizer(o, state['opt']); sched.load_state_dict(state['sched'])
-            step = int(state['step']); set_rng_state(state['rng'][d.rank] if d.rank < len(state['rng']) else state['rng'][0], gen)
+    parts = dict(net=net, ema=ema, opt=o, sched=sched)          # data parallel over all ranks: group None
+    state_path, step = os.path.join(cfg.out, 'ckpt', 'teacher.pt'), 0
+    if (state := load_state(state_path)) is not None:
+        step = restore(state_path, state, parts, gen, d.rank, rank0_if_new=True)
         d.main and print(f'resuming teacher at step {step}', flush=True)
     if d.main:
-        print(f'teacher: {count_params(net) / 1e6:.2f}M parameters, {cfg.teacher_steps} steps, batch {cfg.teacher_batch} x {d.world} ranks', flush=True)
+        print(f'teacher: {count_params(net) / 1e6:.2f}M parameters, {cfg.teacher_steps} steps, '
+              f'batch {cfg.teacher_batch} x {d.world} ranks', flush=True)
         if cfg.ema ** cfg.teacher_steps > 0.01:      # the EMA starts at the random init and forgets it as ema^steps
-            print(f'warning: after {cfg.teacher_steps} steps the EMA teacher still holds {100 * cfg.ema ** cfg.teacher_steps:.0f}% '
-                  f'of the random initial weights (--ema {cfg.ema}); lower --ema or train longer', file=sys.stderr, flush=True)
-    group = dist.group.WORLD if d.world > 1 else None
+            print(f'warning: after {cfg.teacher_steps} steps the EMA teacher still holds '
+                  f'{100 * cfg.ema ** cfg.teacher_steps:.0f}% of the random initial weights (--ema {cfg.ema}); '
+                  'lower --ema or train longer', file=sys.stderr, flush=True)
     bar = S.progress(cfg.teacher_steps, 'teacher', step, d.main)
-    loss_avg, t0, step0 = 0.0, time.time(), step
+    t0, step0 = time.time(), step
     while step < cfg.teacher_steps:
         x, y = data.get(torch.randint(len(data), (cfg.teacher_batch,), generator=gen))
         with autocast(d.device):
             loss = L.edm_loss(net, upload(x, d.device), upload(y, d.device), sigma_data=net.sigma_data).mean()
         loss.backward()
-        _, vals = step_optimizer(o, sched, params, cfg, group, d.world, {'edm': loss}, f'teacher stage, step {step + 1}')
+        where = f'teacher stage, step {step + 1}'
+        _, vals = step_optimizer(o, sched, params, cfg, None, d.world, dict(edm=loss), where)
         with torch.no_grad():                                             # EMA of the weights
             torch._foreach_lerp_(list(ema.parameters()), params, 1 - cfg.ema)
         step += 1
-        loss_avg = 0.98 * loss_avg + 0.02 * vals['edm'] if step > 1 else vals['edm']
-        bar.set_postfix_str(f'loss {loss_avg:.4f}', refresh=False)
+        bar.set_postfix_str(f'loss {vals["edm"]:.4f}', refresh=False)
         bar.update()
         if d.main and (step % cfg.log_every == 0 or step == cfg.teacher_steps):
             log_metrics(cfg, dict(stage='teacher', step=step, loss=vals['edm']))
         if step % cfg.ckpt_every == 0 or step == cfg.teacher_steps:
-            rngs = gather_rng(rng_state(gen), dist.group.WORLD if d.world > 1 else None, d.world)
-            if d.main:
-                atomic_save(dict(kind='state', net=net.state_dict(), ema=ema.state_dict(), opt=o.state_dict(),
-                                 sched=sched.state_dict(), step=step, rng=rngs, config=asdict(cfg)), state_path)
+            save_state(state_path, parts, gen, None, d.world, d.main, step=step, config=asdict(cfg))
     bar.close()
     if d.main and step > step0:
         log_throughput(cfg, 'teacher', '-', step - step0, time.time() - t0, cfg.teacher_batch * d.world)
@@ -399,23 +388,12 @@ def train_teacher(cfg, d: Dist, data: S.ImageData):
         dist.barrier()
 
 
-def gather_rng(state, group, n):
-    """The RNG states of the n ranks of `group`, in rank order, on every one of them (the leader saves them)."""
-    if n == 1:
-        return [state]
-    out = [None] * n
-    dist.all_gather_object(out, state, group=group)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Student stages. One `StudentRun` holds what one student needs; the critic step and the generator
+# ---- Student stages. One `StudentRun` holds what one student needs; the critic step and the generator
 # step are separate functions that return small dicts of floats.
 
 class StudentRun:
-    """Noise, labels and sigmas are drawn on the device (global RNG, saved with each checkpoint), so a
-    step copies nothing from the host but its real images; `gen` (host) draws which images. (So a
-    run resumed on another kind of device continues with other random numbers.) The teacher is D_real:
+    """Noise, labels and sigmas are drawn on the device (global RNG, saved with each checkpoint; a run resumed on
+    another kind of device draws other numbers); `gen` (host) draws which real images. The teacher is D_real:
     frozen and in eval mode (no dropout), whatever mode it came in."""
 
     def __init__(self, cfg, d, k, classes, data, teacher, group, n_ranks):
@@ -448,14 +426,11 @@ def critic_step(run, G, fake, opt, sched, adm):
     with torch.no_grad(), autocast(run.d.device):
         x_fake = G(run.noise(n), y).float()
     with autocast(run.d.device):
-        loss_fake = L.fake_score_loss(fake, x_fake, y, run.grid).mean()
-        loss = loss_fake
-        out = dict(fake_score=loss_fake)
-        if adm:
-            x_real, y_real = run.real(n)
-            loss_gan = L.gan_critic_loss(fake.critic, x_real, y_real, x_fake, y, run.grid).mean()
-            loss = loss + cfg.gan_critic_weight * loss_gan
-            out['gan_critic'] = loss_gan
+        out = dict(fake_score=L.fake_score_loss(fake, x_fake, y, run.grid).mean())   # lambda ||D_fake(x_t) - sg(x)||^2
+        loss = out['fake_score']
+        if adm:     # softplus(critic(fake)) + softplus(-critic(real)), real images of its own classes (MSD sec. 3.2)
+            out['gan_critic'] = L.gan_critic_loss(fake.critic, *run.real(n), x_fake, y, run.grid).mean()
+            loss = loss + cfg.gan_critic_weight * out['gan_critic']
     loss.backward()
     gn, out = step_optimizer(opt, sched, list(fake.parameters()), cfg, run.group, run.n, out, run.where('critic'))
     return dict(out, grad_critic=gn)
@@ -469,19 +444,16 @@ def generator_step(run, G, fake, opt, sched, adm, pairs=None):
     fake.requires_grad_(False)
     with autocast(run.d.device):
         x = G(run.noise(n), y).float()
-        loss_dm = L.dm_loss(run.teacher, fake, x, y, run.grid).mean()
-        loss = loss_dm
-        out = dict(dm=loss_dm)
-        if adm:
-            loss_gan = L.gan_generator_loss(fake.critic, x, y, run.grid).mean()
-            loss = loss + cfg.gan_gen_weight * loss_gan
-            out['gan_gen'] = loss_gan
-        if pairs is not None and cfg.regression_weight > 0:
+        out = dict(dm=L.dm_loss(run.teacher, fake, x, y, run.grid).mean())   # d/dx = (D_fake - D_real) / w (DMD eq. 8)
+        loss = out['dm']
+        if adm:                                                                 # softplus(-critic(G(z))) (DMD2)
+            out['gan_gen'] = L.gan_generator_loss(fake.critic, x, y, run.grid).mean()
+            loss = loss + cfg.gan_gen_weight * out['gan_gen']
+        if pairs is not None and cfg.regression_weight > 0:                     # d(G(z), teacher ODE sample) (DMD)
             i = torch.randint(len(pairs['z']), (n,), device=run.d.device)          # pairs live on the device
             x_reg = G(pairs['z'][i], pairs['y'][i]).float()
-            loss_reg = L.regression_loss(x_reg, pairs['x'][i], run.lpips).mean()
-            loss = loss + cfg.regression_weight * loss_reg
-            out['regression'] = loss_reg
+            out['regression'] = L.regression_loss(x_reg, pairs['x'][i], run.lpips).mean()
+            loss = loss + cfg.regression_weight * out['regression']
     loss.backward()
     fake.requires_grad_(True)
     gn, out = step_optimizer(opt, sched, list(G.parameters()), cfg, run.group, run.n, out, run.where('generator'))
@@ -496,69 +468,23 @@ def distill_iteration(run, G, fake, go, gsched, fo, fsched, adm, pairs=None):
 
 
 def tsm_step(run, G, opt, sched):
+    """Teacher score matching (MSD sec. 3.3): lambda(sigma) ||D_student(x_t) - D_teacher(x_t)||^2 on real images."""
     x, y = run.real(run.cfg.batch)
     with autocast(run.d.device):
         loss = L.tsm_loss(G.net, run.teacher, x, y, sigma_data=G.net.sigma_data).mean()
     loss.backward()
-    grad, out = step_optimizer(opt, sched, list(G.parameters()), run.cfg, run.group, run.n, {'tsm': loss}, run.where('tsm'))
-    return dict(out, grad_gen=grad)
+    gn, out = step_optimizer(opt, sched, list(G.parameters()), run.cfg, run.group, run.n, dict(tsm=loss),
+                             run.where('tsm'))
+    return dict(out, grad_gen=gn)
 
 
 def build_pair(cfg, teacher, device):
-    """The student G and its fake score, in training mode; compiled in place with --compile 1 (the
-    state_dict keys do not change, so checkpoints are the same either way)."""
+    """The student G and its fake score, in training mode; --compile 1 compiles in place (same state_dict keys)."""
     G = Student.from_teacher(teacher, cfg.student_width, cfg.sigma_max).to(device).train()
     fake = FakeScore(teacher).to(device).train()
     if cfg.compile:
         G.net.compile(); fake.net.compile(); fake.head.compile()
     return G, fake
-
-
-def profile_iterations(cfg, d, groups, data, teacher):
-    """--profile N: the cost of one DM and one ADM iteration (`ratio` critic updates + one generator
-    update) of student 0, on fresh optimisers: N timed iterations after a warm-up, then one under
-    torch.profiler, whose busiest operations are printed and whose trace is written for
-    chrome://tracing or Perfetto. On CUDA, torch's sync debug mode counts host-device
-    synchronisations; the design has one per optimiser update (step_optimizer). The DM iteration is
-    timed without the optional regression loss (--regression_weight). One process only."""
-    import warnings
-    from torch.profiler import ProfilerActivity, profile
-    cuda = d.device.type == 'cuda'
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    run = StudentRun(cfg, d, 0, groups[0], data, teacher, None, 1)
-    G, fake = build_pair(cfg, teacher, d.device)
-    go, gsched = make_optimizer(list(G.parameters()), cfg.lr, cfg, steps_per_update=cfg.ratio)
-    fo, fsched = make_optimizer(list(fake.parameters()), cfg.lr, cfg)
-    for stage in ('dm', 'adm'):
-        def iteration(adm=stage == 'adm'):
-            distill_iteration(run, G, fake, go, gsched, fo, fsched, adm)
-        iteration()                                                       # warm-up (cuDNN autotuning, allocator)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(cfg.profile):
-            iteration()
-        sync()
-        sec = (time.perf_counter() - t0) / cfg.profile
-        syncs = ''
-        if cuda:
-            torch.cuda.set_sync_debug_mode('warn')
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter('always')
-                    iteration()
-                    sync()
-            finally:
-                torch.cuda.set_sync_debug_mode('default')
-            n_sync = sum('synchronizing' in str(w.message) for w in caught)
-            syncs = f' | {n_sync} host-device syncs per iteration ({cfg.ratio + 1} optimiser updates)'
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            iteration()
-            sync()
-        print(f'{stage}: {1 / sec:.3f} iterations/s, {cfg.batch * (cfg.ratio + 1) / sec:.1f} generated images/s '
-              f'(batch {cfg.batch}, {cfg.ratio} critic updates + 1 generator update, mean of {cfg.profile}) on {d.device}{syncs}')
-        print(prof.key_averages().table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total', row_limit=12))
-        prof.export_chrome_trace(os.path.join(cfg.out, f'profile-{stage}.json'))
-        print(f'wrote {os.path.join(cfg.out, f"profile-{stage}.json")}', flush=True)
 
 
 def stage_path(cfg, stage, k):
@@ -577,158 +503,116 @@ def regression_pairs(cfg, d, teacher, num_classes, shape):
     seeds = list(range(10 ** 6, 10 ** 6 + cfg.regression_pairs))
     z = S.seeded_noise(seeds, shape)
     y = torch.arange(cfg.regression_pairs) % num_classes
-    x = torch.cat([S.heun(teacher, z[i:i + 64].to(d.device), y[i:i + 64].to(d.device), cfg.heun_steps, cfg.sigma_max).cpu()
-                   for i in range(0, len(z), 64)])
+    x = torch.cat([S.heun(teacher, z[i:i + 64].to(d.device), y[i:i + 64].to(d.device), cfg.heun_steps,
+                          cfg.sigma_max).cpu() for i in range(0, len(z), 64)])
     pairs = dict(z=z, y=y, x=x)
     atomic_save(pairs, path + f'.rank{d.rank}')
     os.replace(path + f'.rank{d.rank}', path)
     return pairs
 
 
-LPIPS_FILES = ('weights-vgg16-lpips.pth', 'vgg16-397923af.pth')     # torch-fidelity's LPIPS head, torchvision's VGG16
-
-
-def lpips_if_present(device):
-    """(distance, description): torch-fidelity's LPIPS (VGG16) when both weight files are already in the
-    torch hub cache (nothing is downloaded), otherwise None and the reason, for the log."""
-    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    missing = [f for f in LPIPS_FILES if not os.path.exists(os.path.join(hub, f))]
-    if missing:
-        return None, f'pixel L2 (LPIPS weights {", ".join(missing)} not in {hub})'
-    from torch_fidelity.sample_similarity_lpips import SampleSimilarityLPIPS
-    net = SampleSimilarityLPIPS('lpips-vgg16').to(device)
-    to_255 = lambda x: ((x + 1) * 127.5).expand(-1, 3, -1, -1)           # its input: RGB in [0, 255]
-    return (lambda a, b: net(to_255(a), to_255(b)).flatten()), 'LPIPS (VGG16, torch-fidelity)'
-
+# ---- One student: its stages in order, each a loop that starts or resumes, steps, logs and saves.
 
 def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
-    """Run this student's stages in order; each starts from the previous stage's final state."""
-    classes = groups[k]
-    run = StudentRun(cfg, d, k, classes, data, teacher, group, n_ranks)
-    leader = d.rank % n_ranks == 0 if n_ranks > 1 else True
+    """Student k's stages in order, each from the last one's final weights (TSM only for a student smaller
+    than the teacher), then student{k}.pt. `group`: the process subgroup of the n_ranks ranks training it."""
+    run = StudentRun(cfg, d, k, groups[k], data, teacher, group, n_ranks)
     G, fake = build_pair(cfg, teacher, d.device)
     smaller = G.net.cfg.model_channels < teacher.cfg.model_channels
     if d.main:
-        print(f'student {k}: classes {classes}, {count_params(G) / 1e6:.2f}M parameters'
+        print(f'student {k}: classes {groups[k]}, {count_params(G) / 1e6:.2f}M parameters'
               f'{" (smaller: TSM first)" if smaller else " (copy of the teacher)"}', flush=True)
     pairs = None
     if cfg.regression_weight > 0 and 'dm' in stages:
         pairs = {a: b.to(d.device) for a, b in regression_pairs(cfg, d, teacher, data.num_classes, data.shape).items()}
-        run.lpips, how = lpips_if_present(d.device)
+        run.lpips, how = L.lpips_if_present(d.device)
         if d.main and k == 0:
             print(f'regression loss: {how}, on {len(pairs["z"])} teacher pairs over all classes', flush=True)
-    for stage in stages:
-        if stage == 'teacher' or (stage == 'tsm' and not smaller):
-            continue
-        steps = dict(tsm=cfg.tsm_steps, dm=cfg.dm_steps, adm=cfg.adm_steps)[stage]
-        adm = stage == 'adm'
-        lr = (cfg.adm_lr or cfg.lr) if adm else cfg.lr
-        go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if stage == 'tsm' else lr, cfg,
-                                    steps_per_update=1 if stage == 'tsm' else cfg.ratio)
-        fo, fsched = make_optimizer(list(fake.parameters()), lr, cfg)
-        step, state = 0, load_state(stage_path(cfg, stage, k))
-        if state is None:       # start from the latest earlier stage that ran (adm from dm, dm from tsm)
-            for s in ('dm', 'tsm'):
-                if STAGES.index(s) < STAGES.index(stage) and os.path.exists(stage_path(cfg, s, k)):
-                    earlier = load_state(stage_path(cfg, s, k))
-                    with resuming(stage_path(cfg, s, k)):
-                        state = dict(G=earlier['G'], fake=earlier['fake'])        # weights, fresh optimiser
-                    break
-        # A stage that starts fresh is seeded from (seed, student, stage, rank) alone, so a resumed run
-        # draws exactly the numbers an uninterrupted one would, whatever ran before it in this process.
-        seed = cfg.seed * 10 ** 6 + k * 10 ** 4 + STAGES.index(stage) * 100 + d.rank
-        torch.manual_seed(seed)
-        run.gen.manual_seed(seed)
-        run.stage, run.step = stage, 0
-        if state is not None:
-            with resuming(stage_path(cfg, stage, k)):
-                G.load_state_dict(state['G']); fake.load_state_dict(state['fake'])
-                if 'opt_G' in state:
-                    load_optimizer(go, state['opt_G']); gsched.load_state_dict(state['sched_G'])
-                    load_optimizer(fo, state['opt_fake']); fsched.load_state_dict(state['sched_fake'])
-                    step = run.step = int(state['step']); set_rng_state(state['rng'][d.rank % n_ranks], run.gen)
-        bar = S.progress(steps, f'{stage} s{k}', step, d.main)
-        t0, step0 = time.time(), step
-        info = {}
-        while step < steps:
-            if stage == 'tsm':
-                info = tsm_step(run, G, go, gsched)
-            else:
-                info = distill_iteration(run, G, fake, go, gsched, fo, fsched, adm, None if adm else pairs)   # regression: DM only
-            step += 1
-            run.step = step
-            bar.set_postfix_str(' '.join(f'{a} {b:.4g}' for a, b in info.items() if not a.startswith('grad')), refresh=False)
-            bar.update()
-            if leader and (step % cfg.log_every == 0 or step == steps):
-                log_metrics(cfg, dict(stage=stage, student=k, step=step, sec=round(time.time() - t0, 2), **info))
-            if step % cfg.ckpt_every == 0 or step == steps:
-                rngs = gather_rng(rng_state(run.gen), run.group, n_ranks)
-                if leader:
-                    atomic_save(dict(kind='state', stage=stage, student=k, step=step, G=G.state_dict(),
-                                     fake=fake.state_dict(), opt_G=go.state_dict(), sched_G=gsched.state_dict(),
-                                     opt_fake=fo.state_dict(), sched_fake=fsched.state_dict(), rng=rngs,
-                                     partition=groups, config=asdict(cfg)), stage_path(cfg, stage, k))
-            if leader and cfg.snapshot_every and step % cfg.snapshot_every == 0 and stage != 'tsm':
-                os.makedirs(os.path.join(cfg.out, 'snapshots'), exist_ok=True)
-                atomic_save(student_record(G, k, classes, groups, cfg),
-                            os.path.join(cfg.out, 'snapshots', f'{stage}-student{k}-step{step}.pt'))
-            if leader and cfg.grid_every and step % cfg.grid_every == 0:
-                S.save_grid(S.class_grid(G, data.num_classes, 4, G.net.cfg, classes=classes, device=d.device),
-                            os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
-        bar.close()
-        if leader and step > step0:     # throughput: a generator step generates batch x (ratio + 1) images
-            per_step = cfg.batch * n_ranks * (1 if stage == 'tsm' else cfg.ratio + 1)
-            log_throughput(cfg, stage, k, step - step0, time.time() - t0, per_step)
-        if leader:
-            S.save_grid(S.class_grid(G, data.num_classes, 8, G.net.cfg, classes=classes, device=d.device),
-                        os.path.join(cfg.out, 'grids', f'{stage}-student{k}.png'))
+    for stage in [s for s in stages if s != 'tsm' or smaller]:
+        train_stage(run, G, fake, stage, groups, pairs if stage == 'dm' else None)      # regression: DM only
+    if d.rank % n_ranks == 0:
+        atomic_save(student_record(G, k, groups, cfg), os.path.join(cfg.out, f'student{k}.pt'))
+
+
+def start_stage(run, stage, parts):
+    """Seed the stage from (seed, student, stage, rank) alone, so that a resumed run draws the numbers an
+    uninterrupted one would; then resume it from ckpt/ (`parts`, RNG states), or start it from the weights of
+    the latest earlier stage that ran (adm from dm, dm from tsm) with fresh optimisers. Returns the step."""
+    seed = run.cfg.seed * 10 ** 6 + run.k * 10 ** 4 + STAGES.index(stage) * 100 + run.d.rank
+    torch.manual_seed(seed)
+    run.gen.manual_seed(seed)
+    path = stage_path(run.cfg, stage, run.k)
+    if (state := load_state(path)) is not None:
+        return restore(path, state, parts, run.gen, run.d.rank % run.n)
+    for earlier in reversed(STAGES[1:STAGES.index(stage)]):                  # student stages before this one
+        if os.path.exists(path := stage_path(run.cfg, earlier, run.k)):
+            restore(path, load_state(path), dict(G=parts['G'], fake=parts['fake']))
+            break
+    return 0
+
+
+def train_stage(run, G, fake, stage, groups, pairs=None):
+    """One stage of one student: TSM steps, or DM / ADM iterations (TTUR). Losses to metrics.jsonl, state to
+    ckpt/, snapshots and grids every ckpt_every / snapshot_every / grid_every steps, and a grid at the end."""
+    cfg, d, k, leader = run.cfg, run.d, run.k, run.d.rank % run.n == 0
+    steps, tsm, adm = getattr(cfg, f'{stage}_steps'), stage == 'tsm', stage == 'adm'
+    lr = (cfg.adm_lr or cfg.lr) if adm else cfg.lr
+    go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if tsm else lr, cfg,
+                                steps_per_update=1 if tsm else cfg.ratio)
+    fo, fsched = make_optimizer(list(fake.parameters()), lr, cfg)
+    parts = dict(G=G, fake=fake, opt_G=go, sched_G=gsched, opt_fake=fo, sched_fake=fsched)
+    run.stage, run.step = stage, start_stage(run, stage, parts)
+    step = step0 = run.step
+    bar, t0 = S.progress(steps, f'{stage} s{k}', step, d.main), time.time()
+    while step < steps:
+        info = (tsm_step(run, G, go, gsched) if tsm
+                else distill_iteration(run, G, fake, go, gsched, fo, fsched, adm, pairs))
+        step = run.step = step + 1
+        bar.set_postfix_str(' '.join(f'{a} {b:.4g}' for a, b in info.items() if a[:4] != 'grad'), refresh=False)
+        bar.update()
+        if leader and (step % cfg.log_every == 0 or step == steps):
+            log_metrics(cfg, dict(stage=stage, student=k, step=step, sec=round(time.time() - t0, 2), **info))
+        if step % cfg.ckpt_every == 0 or step == steps:
+            save_state(stage_path(cfg, stage, k), parts, run.gen, run.group, run.n, leader,
+                       stage=stage, student=k, step=step, partition=groups, config=asdict(cfg))
+        if leader and cfg.snapshot_every and step % cfg.snapshot_every == 0 and not tsm:
+            os.makedirs(os.path.join(cfg.out, 'snapshots'), exist_ok=True)
+            atomic_save(student_record(G, k, groups, cfg),
+                        os.path.join(cfg.out, 'snapshots', f'{stage}-student{k}-step{step}.pt'))
+        if leader and cfg.grid_every and step % cfg.grid_every == 0:
+            S.save_grid(S.class_grid(G, run.data.num_classes, 4, G.net.cfg, classes=groups[k], device=d.device),
+                        os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
+    bar.close()
+    if leader and step > step0:     # throughput: a generator step generates batch x (ratio + 1) images
+        log_throughput(cfg, stage, k, step - step0, time.time() - t0, cfg.batch * run.n * (1 if tsm else cfg.ratio + 1))
     if leader:
-        atomic_save(student_record(G, k, classes, groups, cfg), os.path.join(cfg.out, f'student{k}.pt'))
+        S.save_grid(S.class_grid(G, run.data.num_classes, 8, G.net.cfg, classes=groups[k], device=d.device),
+                    os.path.join(cfg.out, 'grids', f'{stage}-student{k}.png'))
 
 
-def student_record(G, k, classes, groups, cfg):
+def student_record(G, k, groups, cfg):
     """One trained student as a plain checkpoint (weights on the CPU, its classes, the run's config)."""
-    return dict(kind='student', student=k, classes=list(classes), partition=groups, net=asdict(G.net.cfg),
+    return dict(kind='student', student=k, classes=list(groups[k]), partition=groups, net=asdict(G.net.cfg),
                 state_dict={n: t.detach().cpu() for n, t in G.state_dict().items()}, config=asdict(cfg))
 
 
-# ----------------------------------------------------------------------------------------------
+# ---- main: set-up, the teacher, the partition, the students, msd.pt, evaluation; each step below it.
 
 def main(cfg: Config):
-    stages = [s.strip() for s in cfg.stages.split(',') if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad or not stages:
-        raise ValueError(f'unknown stage {",".join(bad) or "(none)"}: choose from {", ".join(STAGES)}')
-    stages = [s for s in STAGES if s in stages]
-    if cfg.partition not in P.STRATEGIES:
-        raise ValueError(f'unknown partition {cfg.partition!r}: choose one of {", ".join(P.STRATEGIES)}')
-    for name in ('batch', 'ratio', 'teacher_batch', 'heun_steps'):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f'--{name} must be at least 1')
-    if not 0 < cfg.student_width <= 1:
-        raise ValueError('--student_width must be in (0, 1]')
+    """The whole run on this rank; the same command reruns it, resuming wherever it stopped."""
+    stages, only = check_config(cfg)
     S.keep_freed_memory()                               # CPU: no page faults for every activation (sample.py)
-    data = S.load_data(cfg.data)
+    data = load_data(cfg.data)
     if not 1 <= cfg.students <= data.num_classes:
-        raise ValueError(f'--students must be between 1 and the number of classes ({data.num_classes}), got {cfg.students}')
+        raise ValueError(f'--students must be between 1 and the number of classes ({data.num_classes}), '
+                         f'got {cfg.students}')
     teacher = load_checked_teacher(cfg.teacher, data) if cfg.teacher else None    # a bad --teacher: fail before writing
     d = init_dist(cfg)
-    mine, n_ranks = student_plan(d.rank, d.world, cfg.students)
-    os.makedirs(os.path.join(cfg.out, 'ckpt'), exist_ok=True)
-    os.makedirs(os.path.join(cfg.out, 'grids'), exist_ok=True)
-    check_same_run(cfg)
-    if d.world > 1:
-        dist.barrier()                 # every rank has read an existing config.json before rank 0 rewrites it
-    if d.main:
-        with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
-            json.dump(asdict(cfg), f, indent=1)
-        print(f'data: {len(data)} images {data.shape}, {data.num_classes} classes | {d.world} rank(s) on {d.device} | '
-              f'stages {",".join(stages)} | run folder {cfg.out}', flush=True)
+    mine, n_ranks, pgs = student_plan(d, cfg.students)
+    start_run_folder(cfg, d, data, stages)
     t_start = time.time()
-
-    # Teacher: given, or trained here.
     teacher_path = cfg.teacher or os.path.join(cfg.out, 'teacher.pt')
-    if teacher is None:
+    if teacher is None:                                 # the teacher stage's, trained now or by an earlier run
         if 'teacher' in stages:
             train_teacher(cfg, d, data)
         if not os.path.exists(teacher_path):
@@ -737,116 +621,137 @@ def main(cfg: Config):
     teacher = teacher.to(d.device)
     if cfg.compile:
         teacher.compile()
-    student_stages = [s for s in stages if s != 'teacher']
-    if not student_stages:
-        return
-    emb = teacher.model.map_label.weight.t().detach().cpu() if cfg.partition == 'kmeans' else None
-    if cfg.partition_file:
-        with open(cfg.partition_file) as f:
-            try:
-                groups = P.validate(json.load(f), data.num_classes)
-            except (json.JSONDecodeError, TypeError) as e:
-                raise ValueError(f'{cfg.partition_file}: not a JSON list of lists of class indices ({e})') from None
-        if len(groups) != cfg.students:
-            raise ValueError(f'{cfg.partition_file} has {len(groups)} groups but --students is {cfg.students}')
-    else:
-        groups = P.make_partition(cfg.partition, data.num_classes, cfg.students, cfg.seed, emb)
-    if d.main:
-        print(f'partition ({cfg.partition}): {groups}', flush=True)
-    if cfg.profile:
-        if d.world > 1:
-            raise ValueError('--profile runs in one process: start it with python, not torchrun')
-        return profile_iterations(cfg, d, groups, data, teacher)
-
-    # Students: subgroups are created by every rank, in the same order (torch.distributed requires it).
-    groups_pg = [dist.new_group(list(range(k * n_ranks, (k + 1) * n_ranks))) for k in range(cfg.students)] \
-        if d.world > 1 and n_ranks > 1 else [None] * cfg.students
-    if cfg.only_students:
-        only = [int(v) for v in cfg.only_students.split(',') if v.strip()]
-        if any(not 0 <= v < cfg.students for v in only):
-            raise ValueError(f'--only_students {cfg.only_students}: students are numbered 0..{cfg.students - 1}')
-        mine = [k for k in mine if k in only]
-    torch.manual_seed(cfg.seed + d.rank)
-    for k in mine:
-        if not os.path.exists(os.path.join(cfg.out, f'student{k}.pt')) or student_stages[-1] not in done_stages(cfg, k):
-            train_student(cfg, d, k, groups, data, teacher, student_stages, groups_pg[k], n_ranks)
-    if d.world > 1:
-        dist.barrier()
-    missing = [k for k in range(cfg.students) if not os.path.exists(os.path.join(cfg.out, f'student{k}.pt'))]
-    if missing:                                  # --only_students: the others are trained elsewhere
-        d.main and print(f'students {missing} not trained yet: msd.pt is written by a run that finds all of them', flush=True)
-        return
-    if d.main:
-        students = []
-        for k in range(cfg.students):
-            path = os.path.join(cfg.out, f'student{k}.pt')
-            students.append(load_student(read_checkpoint(path, 'student'), cfg.sigma_max, data.num_classes, path))
-        atomic_save(msd_checkpoint(students, groups, data.num_classes, asdict(cfg),
-                                   teacher=os.path.abspath(teacher_path), stages=student_stages),
-                    os.path.join(cfg.out, 'msd.pt'))
-        train_min = (time.time() - t_start) / 60
-        print(f'wrote {os.path.join(cfg.out, "msd.pt")} ({cfg.students} students, {train_min:.1f} min)', flush=True)
-        final_eval(cfg, d, teacher, MSD(students, groups, data.num_classes).to(d.device).eval(), data)
+    stages = [s for s in stages if s != 'teacher']
+    if stages:
+        groups = class_partition(cfg, data, teacher)
+        d.main and print(f'partition ({cfg.partition}): {groups}', flush=True)
+        train_students(cfg, d, [k for k in mine if k in only], n_ranks, pgs, groups, data, teacher, stages)
+        msd = assemble_msd(cfg, d, groups, data, teacher_path, stages)
+        if msd is not None:
+            print(f'wrote {os.path.join(cfg.out, "msd.pt")} ({cfg.students} students, '
+                  f'{(time.time() - t_start) / 60:.1f} min)', flush=True)
+            final_eval(cfg, d, teacher, msd, data)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
+def check_config(cfg):
+    """The checks that need no data; returns the stages in STAGES order and the students this run may train."""
+    stages = [s.strip() for s in cfg.stages.split(',') if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ValueError(f'unknown stage {",".join(bad) or "(none)"}: choose from {", ".join(STAGES)}')
+    if cfg.partition not in P.STRATEGIES:
+        raise ValueError(f'unknown partition {cfg.partition!r}: choose one of {", ".join(P.STRATEGIES)}')
+    for name in ('batch', 'ratio', 'teacher_batch', 'heun_steps'):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f'--{name} must be at least 1')
+    if not 0 < cfg.student_width <= 1:
+        raise ValueError('--student_width must be in (0, 1]')
+    only = [int(v) for v in cfg.only_students.split(',') if v.strip()] or list(range(cfg.students))
+    if any(not 0 <= v < cfg.students for v in only):
+        raise ValueError(f'--only_students {cfg.only_students}: students are numbered 0..{cfg.students - 1}')
+    return [s for s in STAGES if s in stages], only
+
+
 def load_checked_teacher(path, data):
-    teacher = load_teacher(path)
-    if teacher.label_dim != data.num_classes or teacher.cfg.img_channels != data.shape[0] or teacher.cfg.img_resolution != data.shape[-1]:
+    """The teacher checkpoint at `path`, refused unless it is for the data's classes, channels and resolution."""
+    teacher, c = load_teacher(path), data.shape
+    if (teacher.label_dim, teacher.cfg.img_channels, teacher.cfg.img_resolution) != (data.num_classes, c[0], c[-1]):
         raise ValueError(f'teacher {path} is for {teacher.label_dim} classes at {teacher.cfg.img_channels}x'
                          f'{teacher.cfg.img_resolution}, the data has {data.num_classes} classes at {data.shape}')
     return teacher
 
 
 # Settings that give saved state its meaning: a run folder resumes only with the same ones.
-RUN_IDENTITY = ('data', 'teacher', 'students', 'partition', 'partition_file', 'seed', 'student_width', 'model_channels',
-                'channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head', 'sigma_max')
+RUN_IDENTITY = ('data', 'teacher', 'students', 'partition', 'partition_file', 'seed', 'student_width',
+                'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head', 'sigma_max')
 
 
-def check_same_run(cfg):
+def start_run_folder(cfg, d, data, stages):
+    """ckpt/ and grids/; refuse a folder whose config.json differs from this run in a RUN_IDENTITY setting;
+    then config.json and a one-line summary (rank 0)."""
+    os.makedirs(os.path.join(cfg.out, 'ckpt'), exist_ok=True)
+    os.makedirs(os.path.join(cfg.out, 'grids'), exist_ok=True)
     path = os.path.join(cfg.out, 'config.json')
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    diff = [f'--{k} {old.get(k)!r} -> {getattr(cfg, k)!r}' for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
-    if diff:
-        raise ValueError(f'{cfg.out} holds a run with other settings ({"; ".join(diff)}): use another --out')
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [f'--{k} {old.get(k)!r} -> {getattr(cfg, k)!r}' for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f'{cfg.out} holds a run with other settings ({"; ".join(diff)}): use another --out')
+    if d.world > 1:
+        dist.barrier()                 # every rank has read an existing config.json before rank 0 rewrites it
+    if d.main:
+        with open(path, 'w') as f:
+            json.dump(asdict(cfg), f, indent=1)
+        print(f'data: {len(data)} images {data.shape}, {data.num_classes} classes | {d.world} rank(s) on {d.device} | '
+              f'stages {",".join(stages)} | run folder {cfg.out}', flush=True)
 
 
-def done_stages(cfg, k):
-    """Stages whose resumable state for student k reached its final step."""
-    done = []
-    for stage, steps in (('tsm', cfg.tsm_steps), ('dm', cfg.dm_steps), ('adm', cfg.adm_steps)):
-        s = load_state(stage_path(cfg, stage, k))
-        if s is not None and isinstance(s.get('step'), int) and s['step'] >= steps:
-            done.append(stage)
-    return done
+def class_partition(cfg, data, teacher):
+    """The K groups of classes (MSD sec. 3.1): --partition_file, or --partition (kmeans: teacher's class embeddings)."""
+    if not cfg.partition_file:
+        emb = teacher.model.map_label.weight.t().detach().cpu() if cfg.partition == 'kmeans' else None
+        return P.make_partition(cfg.partition, data.num_classes, cfg.students, cfg.seed, emb)
+    with open(cfg.partition_file) as f:
+        try:
+            groups = P.validate(json.load(f), data.num_classes)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f'{cfg.partition_file}: not a JSON list of lists of class indices ({e})') from None
+    if len(groups) != cfg.students:
+        raise ValueError(f'{cfg.partition_file} has {len(groups)} groups but --students is {cfg.students}')
+    return groups
+
+
+def train_students(cfg, d, mine, n_ranks, pgs, groups, data, teacher, stages):
+    """This rank's students `mine`, each with the n_ranks ranks of its process subgroup pgs[k]; a student whose
+    student{k}.pt exists and whose last stage reached its final step is done and skipped."""
+    torch.manual_seed(cfg.seed + d.rank)
+    for k in mine:
+        last = load_state(stage_path(cfg, stages[-1], k)) or {}
+        done = isinstance(last.get('step'), int) and last['step'] >= getattr(cfg, stages[-1] + '_steps')
+        if not (done and os.path.exists(os.path.join(cfg.out, f'student{k}.pt'))):
+            train_student(cfg, d, k, groups, data, teacher, stages, pgs[k], n_ranks)
+    if d.world > 1:
+        dist.barrier()
+
+
+def assemble_msd(cfg, d, groups, data, teacher_path, stages):
+    """msd.pt from every student{k}.pt, written by rank 0 once all exist; returns the MSD generator there."""
+    paths = [os.path.join(cfg.out, f'student{k}.pt') for k in range(cfg.students)]
+    missing = [k for k, path in enumerate(paths) if not os.path.exists(path)]
+    if missing and d.main:                       # --only_students: the others are trained elsewhere
+        print(f'students {missing} not trained yet: msd.pt is written by a run that finds all of them', flush=True)
+    if missing or not d.main:
+        return None
+    students = [load_student(read_checkpoint(path, 'student'), cfg.sigma_max, data.num_classes, path) for path in paths]
+    atomic_save(msd_checkpoint(students, groups, data.num_classes, asdict(cfg),
+                               teacher=os.path.abspath(teacher_path), stages=stages), os.path.join(cfg.out, 'msd.pt'))
+    return MSD(students, groups, data.num_classes).to(d.device).eval()
 
 
 def final_eval(cfg, d, teacher, msd, data):
     """Grids of both generators; FID of the teacher (Heun, 2N-1 NFE) and of MSD (1 NFE)."""
-    S.save_grid(S.class_grid(msd, data.num_classes, 10, teacher.cfg, device=d.device), os.path.join(cfg.out, 'grids', 'msd.png'))
+    if d.device.type == 'cpu':
+        torch.set_num_threads(os.cpu_count() or 1)     # the other ranks wait at the barrier: every core is free
+    S.save_grid(S.class_grid(msd, data.num_classes, 10, teacher.cfg, device=d.device),
+                os.path.join(cfg.out, 'grids', 'msd.png'))
     if cfg.fid_samples <= 0:
         return
-    nfe = 2 * cfg.heun_steps - 1
-    ref = S.reference_stats_name(cfg.data, cfg.fid_ref)
-    real = lambda n: data.uint8(torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:n])
-    results = {}
-    models = ([('teacher', lambda z, y: S.heun(teacher, z, y, cfg.heun_steps))] if cfg.fid_teacher else []) + [('msd', msd)]
-    for name, fn in models:
-        print(f'FID of {name}: {cfg.fid_samples} samples ({nfe if name == "teacher" else 1} NFE each), then Inception '
-              f'features (~0.25 s per image on a 2-core CPU)', flush=True)
+    nfe, results = 2 * cfg.heun_steps - 1, []
+    heun = lambda z, y: S.heun(teacher, z, y, cfg.heun_steps)
+    models = [('teacher', heun, nfe, f'teacher (Heun, {nfe} NFE)')] if cfg.fid_teacher else []
+    for name, fn, n, label in models + [('msd', msd, 1, f'MSD, {cfg.students} students (1 NFE)')]:
+        print(f'FID of {name}: {cfg.fid_samples} samples ({n} NFE each), then Inception features '
+              '(~0.25 s per image on a 2-core CPU)', flush=True)
         t0 = time.time()
-        fid = S.fid(fn, data.num_classes, tuple(data.shape), cfg.fid_samples, ref, real, cfg.fid_ref, d.device)
-        results[name] = fid
-        log_metrics(cfg, dict(stage='eval', model=name, fid=fid, samples=cfg.fid_samples, ref=cfg.fid_ref,
-                              nfe=nfe if name == 'teacher' else 1, sec=round(time.time() - t0, 1)))
-    teacher_part = f'teacher (Heun, {nfe} NFE) {results["teacher"]:.2f} | ' if 'teacher' in results else ''
-    print(f'FID ({cfg.fid_samples} samples vs {cfg.fid_ref} training images): '
-          f'{teacher_part}MSD, {cfg.students} students (1 NFE) {results["msd"]:.2f}', flush=True)
+        fid = S.fid(fn, data, cfg.fid_samples, cfg.fid_ref, d.device)
+        log_metrics(cfg, dict(stage='eval', model=name, fid=fid, samples=cfg.fid_samples, ref=cfg.fid_ref, nfe=n,
+                              sec=round(time.time() - t0, 1)))
+        results.append(f'{label} {fid:.2f}')
+    print(f'FID ({cfg.fid_samples} samples vs {cfg.fid_ref} training images): ' + ' | '.join(results), flush=True)
 
 
 def cli(argv=None):
