@@ -168,7 +168,8 @@ def init_dist(cfg: Config) -> Dist:
         raise ValueError('--device cuda but no CUDA device is visible')
     d = Dist()
     if 'RANK' in os.environ:                                   # launched by torchrun
-        dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(hours=4))  # rank 0's final FID
+        # a rank with fewer students waits for the others at a barrier: allow long stages
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(days=1))
         d.rank, d.world = dist.get_rank(), dist.get_world_size()
     if cuda:
         local = int(os.environ.get('LOCAL_RANK', 0))
@@ -631,8 +632,7 @@ def main(cfg: Config):
             print(f'wrote {os.path.join(cfg.out, "msd.pt")} ({cfg.students} students, '
                   f'{(time.time() - t_start) / 60:.1f} min)', flush=True)
             final_eval(cfg, d, teacher, msd, data)
-    if d.world > 1:
-        dist.barrier()
+    if d.world > 1:               # no barrier: the other ranks leave while rank 0 evaluates (a waiting rank spins)
         dist.destroy_process_group()
 
 
@@ -734,8 +734,8 @@ def assemble_msd(cfg, d, groups, data, teacher_path, stages):
 
 def final_eval(cfg, d, teacher, msd, data):
     """Grids of both generators; FID of the teacher (Heun, 2N-1 NFE) and of MSD (1 NFE)."""
-    if d.device.type == 'cpu':
-        torch.set_num_threads(os.cpu_count() or 1)     # the other ranks wait at the barrier: every core is free
+    if d.device.type == 'cpu' and d.world > 1:
+        torch.set_num_threads(os.cpu_count() or 1)     # the other ranks have left: every core is free
     S.save_grid(S.class_grid(msd, data.num_classes, 10, teacher.cfg, device=d.device),
                 os.path.join(cfg.out, 'grids', 'msd.png'))
     if cfg.fid_samples <= 0:
