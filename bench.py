@@ -19,7 +19,6 @@ profiles one of each (busiest operations, Chrome trace) and on CUDA counts host-
 import argparse
 import os
 import shlex
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import sample as S
 from data import load_data
 from msd import MSD, load_msd
 from student import Student, student_config
-from teacher import count_params, load_teacher, read_checkpoint
+from teacher import count_params, load_teacher, one_line_errors, read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -334,13 +333,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
+    with one_line_errors():
         main(argv)
-    except (ValueError, OSError) as e:
-        if os.environ.get('MSD_DEBUG'):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

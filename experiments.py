@@ -38,7 +38,7 @@ import sample as S
 from data import FASHION_DIR, load_data, read_idx_pair
 from msd import MSD, load_msd, load_student
 from student import student_config
-from teacher import count_params, load_teacher, read_checkpoint
+from teacher import count_params, load_teacher, one_line_errors, read_checkpoint
 
 
 def opt(default, help):
@@ -537,13 +537,8 @@ def main(cfg: GridConfig, argv):
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    try:
+    with one_line_errors((ValueError, OSError, RuntimeError)):
         main(cfg, argv)
-    except (ValueError, OSError, RuntimeError) as e:
-        if os.environ.get('MSD_DEBUG'):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

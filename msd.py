@@ -12,6 +12,7 @@ run's config; it loads with torch.load(weights_only=True), so opening it never r
 Run: python sample.py --ckpt runs/fashion/msd.pt --grid grid.png
      python msd.py runs/fashion/msd.pt msd-bf16.pt --dtype bfloat16     (a copy with weights stored in bf16)
 """
+import os
 from dataclasses import asdict
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 import partition as P
 from student import Student
-from teacher import LIMITS, check_weights, net_config_from_dict, read_checkpoint
+from teacher import LIMITS, check_weights, net_config_from_dict, one_line_errors, read_checkpoint
 
 
 class MSD(nn.Module):
@@ -66,13 +67,11 @@ class MSD(nn.Module):
         return out
 
 
-def msd_checkpoint(students, groups, num_classes, config: dict, dtype=None, **extra) -> dict:
-    """One plain dict: loadable with weights_only=True (tensors, lists, numbers, strings only). `dtype`
-    (e.g. torch.bfloat16) stores the weights in that type; loading casts them back to float32."""
-    cast = lambda sd: {k: v.to(dtype) if dtype is not None else v for k, v in sd.items()}
+def msd_checkpoint(students, groups, num_classes, config: dict, **extra) -> dict:
+    """One plain dict: loadable with weights_only=True (tensors, lists, numbers, strings only)."""
     return dict(kind='msd', num_classes=num_classes, partition=[list(g) for g in groups],
                 sigma_max=students[0].sigma_max,
-                students=[dict(net=asdict(s.net.cfg), state_dict=cast(s.state_dict())) for s in students],
+                students=[dict(net=asdict(s.net.cfg), state_dict=s.state_dict()) for s in students],
                 config=config, **extra)
 
 
@@ -115,19 +114,16 @@ def main(argv=None):
     """python msd.py IN OUT --dtype bfloat16: a checked copy of an MSD checkpoint with its weights stored
     in another float type (half the bytes; the networks still run in float32)."""
     import argparse
-    import sys
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument('src'), ap.add_argument('dst')
     ap.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16', 'float16'])
     args = ap.parse_args(argv)
-    try:
-        msd, ckpt = load_msd(args.src), read_checkpoint(args.src, 'msd')
-        extra = {k: v for k, v in ckpt.items() if k not in ('kind', 'num_classes', 'partition', 'sigma_max', 'students', 'config')}
-        torch.save(msd_checkpoint(msd.students, msd.groups, msd.num_classes, ckpt.get('config', {}),
-                                  getattr(torch, args.dtype), **extra), args.dst)
-    except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    with one_line_errors():
+        msd, ckpt = load_msd(args.src), read_checkpoint(args.src, 'msd')      # checked first, then cast as read
+        for record in ckpt['students']:
+            record['state_dict'] = {k: v.to(getattr(torch, args.dtype)) for k, v in record['state_dict'].items()}
+        torch.save(ckpt, args.dst + '.tmp')
+        os.replace(args.dst + '.tmp', args.dst)
     print(f'wrote {args.dst} ({len(msd.students)} students, weights in {args.dtype})')
 
 

@@ -30,7 +30,7 @@ import torch
 
 from data import FASHION_DIR, ImageData, load_data
 from msd import load_msd
-from teacher import heun_sampler, is_pickle_file, load_teacher, read_checkpoint, seeded_noise, to_uint8
+from teacher import heun_sampler, is_pickle_file, load_teacher, one_line_errors, read_checkpoint, seeded_noise, to_uint8
 
 CACHE = os.environ.get('MSD_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'msd'))
 
@@ -307,13 +307,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
+    with one_line_errors():
         main(argv)
-    except (ValueError, OSError) as e:
-        if os.environ.get('MSD_DEBUG'):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

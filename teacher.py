@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import pickletools
+import sys
 import zipfile
 from dataclasses import asdict, dataclass, replace
 
@@ -309,6 +310,18 @@ def reason(e):
                  if not line.startswith(('(1)', '(2)', 'Check the documentation'))]
         lines = [line for line in lines if line]
     return f'{type(e).__name__}: {lines[0][:200]}' if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def one_line_errors(errors=(ValueError, OSError)):
+    """A command's bad input ends in one line on stderr and exit status 2 (MSD_DEBUG=1: the traceback)."""
+    try:
+        yield
+    except errors as e:
+        if os.environ.get('MSD_DEBUG'):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
 
 
 def net_config_from_dict(d, where='network settings') -> NetConfig:
@@ -748,20 +761,16 @@ def to_uint8(x):
 def main(argv=None):
     """Convert an NVIDIA EDM network pickle into our plain teacher checkpoint (weights_only-loadable)."""
     import argparse
-    import sys
     ap = argparse.ArgumentParser(description='Convert an EDM network pickle (.pkl) into a teacher checkpoint, '
                                              'without NVIDIA\'s code and without executing anything in the pickle.')
     ap.add_argument('pkl', help='EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl')
     ap.add_argument('out', help='output teacher checkpoint, e.g. edm-imagenet64-teacher.pt')
     args = ap.parse_args(argv)
-    try:
+    with one_line_errors():
         net = load_teacher(args.pkl)
         tmp = args.out + '.tmp'
         torch.save(teacher_checkpoint(net, source=os.path.basename(args.pkl)), tmp)
         os.replace(tmp, args.out)
-    except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
     print(f'wrote {args.out}: {count_params(net) / 1e6:.1f}M parameters, {net.cfg}')
 
 
