@@ -3,7 +3,7 @@
 Claims tested (MSD sec. 4), every row distilled from one committed teacher:
     (a) one-step MSD students match or beat the 35-NFE teacher       teacher vs K = 4 (DM + ADM)
     (b) more same-size students give lower FID                       K = 1, 2, 4 (same batch, same iterations)
-    (c) the adversarial stage helps                                  DM only vs DM then ADM
+    (c) the adversarial stage helps                                  DM only vs DM then ADM, equal updates
     (d) smaller students (TSM first) are faster and stay competitive  K = 4 at half the channels
     (e) contiguous partitions beat random ones                       K = 4 contiguous vs random
 Every row: FID (sample.py's: torch-fidelity's Inception, 2048 pool features, stated sample counts)
@@ -12,7 +12,7 @@ routing), parameters, one-step latency and images/s on the machine that ran it (
 training time. K = 4 also gets per-student FID (each student's samples against the real images of
 its own classes), and K = 1 vs K = 4 a plot of FID against generator iterations.
 
-    python experiments.py                       # 2-core CPU preset, about 2 hours
+    python experiments.py                       # 2-core CPU preset: 250 updates per student, about 5 hours
     python experiments.py --preset gpu          # larger sizes on one GPU (students train in parallel)
     python experiments.py --parts report        # rewrite RESULTS.md from runs/grid/results.json
 
@@ -27,7 +27,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from PIL import Image, ImageDraw
@@ -37,7 +37,6 @@ import bench as B
 import sample as S
 from data import FASHION_DIR, load_data, read_idx_pair
 from msd import MSD, load_msd, load_student
-from student import student_config
 from teacher import count_params, load_teacher, one_line_errors, read_checkpoint
 
 
@@ -74,20 +73,23 @@ class GridConfig:
 
 
 PRESETS = {
-    'cpu': GridConfig(jobs=2, dm_steps=50, adm_steps=25, tsm_steps=100, snapshot_every=25, fid_ref=1000, plot_samples=200),
+    'cpu': GridConfig(jobs=2, dm_steps=150, adm_steps=100, tsm_steps=600, snapshot_every=50, fid_samples=2000, fid_ref=5000,
+                      plot_samples=1000, speed_batch=64),
     'gpu': GridConfig(device='cuda', jobs=15, batch=64, tsm_steps=600, dm_steps=600, adm_steps=400,
                       fid_samples=10000, fid_ref=60000, plot_samples=2000, speed_batch=1024, snapshot_every=50),
 }
 
-# (name, K, partition, width, stages): one training run each; 'dm only' rows reuse the DM stage of their run.
-RUNS = [('k1', 1, 'contiguous', 1.0, 'dm,adm'), ('k2', 2, 'contiguous', 1.0, 'dm,adm'), ('k4', 4, 'contiguous', 1.0, 'dm,adm'),
-        ('k4-random', 4, 'random', 1.0, 'dm,adm'), ('k4-half', 4, 'contiguous', 0.5, 'tsm,dm,adm')]
-ROWS = [('teacher', None, None, 'EDM teacher, Heun 35 NFE'),
-        ('k1-dm', 'k1', 'dm', 'K = 1, DM only'), ('k1', 'k1', 'adm', 'K = 1, DM + ADM'),
-        ('k2-dm', 'k2', 'dm', 'K = 2, DM only'), ('k2', 'k2', 'adm', 'K = 2, DM + ADM'),
-        ('k4-dm', 'k4', 'dm', 'K = 4, DM only'), ('k4', 'k4', 'adm', 'K = 4, DM + ADM (main)'),
-        ('k4-random', 'k4-random', 'adm', 'K = 4, random partition, DM + ADM'),
-        ('k4-half', 'k4-half', 'adm', 'K = 4, half width, TSM + DM + ADM')]
+# (name, K, partition, width, stages): one training run each, in the order they are started. A 'dm' run
+# spends all dm_steps + adm_steps generator updates in DM, so that its row separates the adversarial
+# stage from the extra updates.
+RUNS = [('k1', 1, 'contiguous', 1.0, 'dm,adm'), ('k4', 4, 'contiguous', 1.0, 'dm,adm'), ('k4-dm', 4, 'contiguous', 1.0, 'dm'),
+        ('k2', 2, 'contiguous', 1.0, 'dm,adm'), ('k4-random', 4, 'random', 1.0, 'dm,adm'),
+        ('k4-half', 4, 'contiguous', 0.5, 'tsm,dm,adm'), ('k1-dm', 1, 'contiguous', 1.0, 'dm')]
+ROWS = [('teacher', None, 'EDM teacher, Heun 35 NFE'),
+        ('k1-dm', 'k1-dm', 'K = 1, DM only'), ('k1', 'k1', 'K = 1, DM + ADM'), ('k2', 'k2', 'K = 2, DM + ADM'),
+        ('k4-dm', 'k4-dm', 'K = 4, DM only'), ('k4', 'k4', 'K = 4, DM + ADM (main)'),
+        ('k4-random', 'k4-random', 'K = 4, random partition, DM + ADM'),
+        ('k4-half', 'k4-half', 'K = 4, half width, TSM + DM + ADM')]
 
 
 def parse_args(argv=None) -> GridConfig:
@@ -180,6 +182,8 @@ def accuracy(net, images, labels, device):
 def train_command(cfg, run, teacher, dm_steps, adm_steps, k=None, out=None):
     name, K, part, width, stages = run
     snap = cfg.snapshot_every if name in ('k1', 'k4') else 0
+    if stages == 'dm':                                # DM only, as many updates as DM + ADM
+        dm_steps, adm_steps = dm_steps + adm_steps, 0
     cmd = [sys.executable, 'train.py', '--teacher', teacher, '--out', out or os.path.join(cfg.out, name), '--students', str(K),
            '--partition', part, '--student_width', str(width), '--stages', stages, '--batch', str(cfg.batch), '--lr', str(cfg.lr),
            '--tsm_steps', str(cfg.tsm_steps), '--dm_steps', str(dm_steps), '--adm_steps', str(adm_steps), '--heun_steps',
@@ -248,24 +252,17 @@ def train(cfg, results):
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 
-def load_stage(cfg, run, stage, teacher, step=None):
-    """MSD generator of a run at the end of a stage (or at a snapshot step)."""
-    name, K, part, width, _ = run
-    folder = os.path.join(cfg.out, name)
-    if stage == 'adm' and step is None:
+def load_stage(cfg, run, teacher, stage=None, step=None):
+    """MSD generator of a run: its msd.pt, or its students' snapshots at a step of a stage."""
+    folder = os.path.join(cfg.out, run[0])
+    if step is None:
         return load_msd(os.path.join(folder, 'msd.pt'))
-    students, groups = [], None
-    for k in range(K):
-        if step:                                      # a snapshot: a student record (train.py student_record)
-            path = os.path.join(folder, 'snapshots', f'{stage}-student{k}-step{step}.pt')
-            rec = read_checkpoint(path, 'student')
-        else:                                         # the stage's final resumable state: the weights of G
-            path = os.path.join(folder, 'ckpt', f'{stage}-student{k}.pt')
-            rec = read_checkpoint(path, 'state')
-            rec = dict(rec, net=asdict(student_config(teacher.cfg, width)), state_dict=rec.get('G'))
-        students.append(load_student(rec, rec.get('config', {}).get('sigma_max', 80.0), teacher.label_dim, path))
-        groups = rec['partition']
-    return MSD(students, groups, teacher.label_dim)
+    students = []
+    for k in range(run[1]):                          # a snapshot: a student record (train.py student_record)
+        path = os.path.join(folder, 'snapshots', f'{stage}-student{k}-step{step}.pt')
+        rec = read_checkpoint(path, 'student')
+        students.append(load_student(rec, rec['config']['sigma_max'], teacher.label_dim, path))
+    return MSD(students, rec['partition'], teacher.label_dim)
 
 
 def speed(gen, shape, num_classes, batch, device):
@@ -295,7 +292,7 @@ def evaluate(cfg, results, device):
     seeds = list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
     rows = results.setdefault('rows', {})
     runs = {r[0]: r for r in RUNS}
-    for key, run, stage, title in ROWS:
+    for key, run, title in ROWS:
         if key in rows:
             continue
         print(f'evaluating {title}', flush=True)
@@ -304,7 +301,7 @@ def evaluate(cfg, results, device):
             params, nfe, train_s, groups = count_params(teacher), 2 * cfg.heun_steps - 1, None, None
         else:
             try:
-                msd = load_stage(cfg, runs[run], stage, teacher).to(device).eval()
+                msd = load_stage(cfg, runs[run], teacher).to(device).eval()
             except FileNotFoundError as e:                      # that run did not finish: report the others
                 print(f'  skipped: {e}', flush=True)
                 continue
@@ -339,7 +336,7 @@ def evaluate(cfg, results, device):
                 key = f'{run}:{offset + s}'
                 if key in curve or not os.path.exists(os.path.join(cfg.out, run, 'snapshots', f'{stage}-student0-step{s}.pt')):
                     continue
-                msd = load_stage(cfg, runs[run], stage, teacher, s).to(device).eval()
+                msd = load_stage(cfg, runs[run], teacher, stage, s).to(device).eval()
                 n = cfg.plot_samples
                 imgs = S.generate(msd, list(range(10 ** 7, 10 ** 7 + n)), torch.arange(n) % data.num_classes, shape, device)
                 curve[key] = S.frechet(S.features(imgs, inception, f'inception, {key}'), ref)
@@ -433,10 +430,10 @@ def verdicts(rows):
     seq = [f('k1'), f('k2'), f('k4')]
     out.append(f'(b) K = 1, 2, 4 (DM + ADM): {seq[0]:.2f}, {seq[1]:.2f}, {seq[2]:.2f}: '
                + ('holds (monotone)' if seq[0] > seq[1] > seq[2] else 'holds for K = 1 vs 4 only' if seq[0] > seq[2] else 'does not hold'))
-    pairs = [(f(f'k{k}-dm'), f(f'k{k}')) for k in (1, 2, 4)]
+    pairs = [(f(f'k{k}-dm'), f(f'k{k}')) for k in (1, 4)]
     n = sum(a > b for a, b in pairs)
-    out.append(f'(c) DM only -> DM + ADM: ' + ', '.join(f'K = {k}: {a:.2f} -> {b:.2f}' for k, (a, b) in zip((1, 2, 4), pairs))
-               + f': ADM lowers FID in {n} of 3')
+    out.append(f'(c) DM only -> DM + ADM at equal updates: ' + ', '.join(f'K = {k}: {a:.2f} -> {b:.2f}' for k, (a, b) in zip((1, 4), pairs))
+               + f': ADM lowers FID in {n} of 2')
     if 'k4-half' in rows and 'k4' in rows:
         h, s = rows['k4-half'], rows['k4']
         out.append(f'(d) half-width students: {h["params"] / 1e6:.2f}M vs {s["params"] / 1e6:.2f}M parameters, '
@@ -462,14 +459,15 @@ def report(cfg, results):
     L = ['# RESULTS: MSD on Fashion-MNIST at small scale', '',
          f'Made by `{cmd}` on {results.get("machine", "?")}. Every student was distilled from the committed teacher '
          f'`{cfg.teacher}` with batch {results.get("batch")} per student, {results.get("dm_steps")} DM then '
-         f'{results.get("adm_steps")} ADM generator iterations (5 critic updates each), AdamW lr {results.get("lr")}; '
+         f'{results.get("adm_steps")} ADM generator iterations (DM-only rows: all {results.get("dm_steps", 0) + results.get("adm_steps", 0)} in DM; '
+         f'5 critic updates each), AdamW lr {results.get("lr")}; '
          f'half-width students first ran {results.get("tsm_steps")} TSM steps. '
          f'FID: torch-fidelity\'s Inception (2048 pool features) of N generated images (labels balanced over the classes) '
          f'against the cached features of {next(iter(rows.values()))["ref"]} Fashion-MNIST training images. '
          f'Accuracy: a small CNN classifier (`{cfg.classifier}`) on the same samples, against the label asked for.', '',
          '| row | FID | samples | NFE | params / student | accuracy | latency (1 image) | images/s (batch) | training |',
          '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
-    for key, _, _, title in ROWS:
+    for key, _, title in ROWS:
         if key not in rows:
             continue
         r = rows[key]
@@ -477,7 +475,7 @@ def report(cfg, results):
         b = cfg.speed_batch if r['nfe'] == 1 else min(cfg.speed_batch, 256)
         L.append(f'| {title} | {r["fid"]:.2f} | {r["samples"]} | {r["nfe"]} | {r["params"] / 1e6:.2f}M | {100 * r["accuracy"]:.1f}% '
                  f'| {r["latency_ms"]:.1f} ms | {r["images_per_s"]:.0f} ({b}) | {tr} |')
-    L += ['', f'Training time: the summed wall time of the run\'s students (DM-only rows: the whole run, whose DM stage they are). '
+    L += ['', f'Training time: the summed wall time of the run\'s students '
               f'{results.get("train_jobs", 1)} student processes trained at once on this machine, sharing it.', '']
     if 'k4' in rows and 'group_fid' in rows['k4']:
         L += ['## Per student (K = 4, contiguous)', '',

@@ -1495,17 +1495,21 @@ def test_report_tables_verdicts_and_plot(tmp_path):
     row = lambda fid, params=1e6, ips=100.0: dict(title='', fid=fid, samples=100, ref=1000, params=params, nfe=1, accuracy=0.9,
                                                  per_class=[0.9] * 10, latency_ms=1.0, images_per_s=ips, train_s=60.0,
                                                  groups=[[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]], group_fid=[1, 2, 3, 4])
-    rows = {'teacher': dict(row(10.0), nfe=35, train_s=None), 'k1-dm': row(40), 'k1': row(30), 'k2-dm': row(35), 'k2': row(25),
+    rows = {'teacher': dict(row(10.0), nfe=35, train_s=None), 'k1-dm': row(40), 'k1': row(30), 'k2': row(25),
             'k4-dm': row(30), 'k4': row(20), 'k4-random': row(22), 'k4-half': row(24, 0.3e6, 250.0)}
     results = dict(rows=rows, dm_steps=20, adm_steps=10, batch=16, lr=1e-4, tsm_steps=5, machine='test',
                    curve={'k1:10': 50.0, 'k1:20': 40.0, 'k1:30': 30.0, 'k4:10': 45.0, 'k4:20': 30.0, 'k4:30': 20.0})
     (tmp_path / 'RESULTS.md').write_text('old\n<!-- reading: written by hand, kept when the script rewrites this file -->\nmy reading\n')
     E.report(cfg, results)
     text = (tmp_path / 'RESULTS.md').read_text()
-    assert text.count('\n| K = ') == 8 and '| EDM teacher, Heun 35 NFE | 10.00 |' in text and text.rstrip().endswith('my reading')
+    assert text.count('\n| K = ') == 7 and '| EDM teacher, Heun 35 NFE | 10.00 |' in text and text.rstrip().endswith('my reading')
     assert 'best MSD row FID 20.00 vs teacher 10.00: does not hold' in text and 'holds (monotone)' in text
-    assert 'ADM lowers FID in 3 of 3' in text and '20.00 vs 22.00: holds' in text and '2.50x the images/s' in text
+    assert 'ADM lowers FID in 2 of 2' in text and '20.00 vs 22.00: holds' in text and '2.50x the images/s' in text
     assert Image.open(tmp_path / 'fig' / 'fid_vs_iterations.png').size == (640, 400) and '](fig/fid_vs_iterations.png)' in text
+    runs = {r[0]: r for r in E.RUNS}                                      # DM-only runs: every update in DM
+    steps = lambda cmd: (cmd[cmd.index('--dm_steps') + 1], cmd[cmd.index('--adm_steps') + 1])
+    assert steps(E.train_command(cfg, runs['k4-dm'], 't.pt', 20, 10)) == ('30', '0')
+    assert steps(E.train_command(cfg, runs['k4'], 't.pt', 20, 10)) == ('20', '10')
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
