@@ -19,7 +19,6 @@ The teacher stage is data parallel over all ranks. The run folder (on a filesyst
 config.json, teacher.pt, ckpt/ (resumable state per stage and student), student{k}.pt, msd.pt, grids/, metrics.jsonl.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -112,22 +111,20 @@ PRESETS = {
     'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, dm_steps=70, adm_steps=55, warmup=20,
                       gan_gen_weight=3e-2, fid_samples=1000, fid_ref=1000),
     # Every stage, smaller students included, tiny sizes: the CI / torchrun check.
-    'smoke': Config(out='runs/smoke', stages='teacher,tsm,dm,adm', model_channels=16, channel_mult='1,2',
-                    num_blocks=1, attn_resolutions='14', channels_per_head=16, teacher_steps=30,
-                    teacher_batch=16, teacher_lr=2e-3, heun_steps=4, student_width=0.5, batch=8, tsm_steps=6,
-                    dm_steps=3, adm_steps=2, ratio=2, warmup=2, log_every=2, ckpt_every=2, fid_samples=0,
-                    regression_weight=0.25, regression_pairs=8),
+    'smoke': Config(out='runs/smoke', stages='teacher,tsm,dm,adm', model_channels=16, channel_mult='1,2', num_blocks=1,
+                    attn_resolutions='14', channels_per_head=16, teacher_steps=30, teacher_batch=16, teacher_lr=2e-3,
+                    heun_steps=4, student_width=0.5, batch=8, tsm_steps=6, dm_steps=3, adm_steps=2, ratio=2, warmup=2,
+                    log_every=2, ckpt_every=2, fid_samples=0, regression_weight=0.25, regression_pairs=8),
     # MSD's ImageNet-64 setting with DMD2's hyper-parameters, for NVIDIA's edm-imagenet-64x64-cond-adm.pkl (give
     # --teacher and --data): 4 students of 250 classes, batch 40 per GPU, bf16; 4000 generator steps = 20k iterations.
     # ADM at 5e-7: DMD2's best ImageNet run (FID 1.28) resumed its 2e-6 DM run with the GAN at 5e-7 (MSD gives none).
     # Smaller students: --student_width 0.67 (128 channels, 55.5% fewer parameters) --stages tsm,dm,adm.
-    'imagenet64': Config(out='runs/imagenet64', stages='dm,adm', students=4, partition='contiguous',
-                         model_channels=192, channel_mult='1,2,3,4', num_blocks=3, attn_resolutions='32,16,8',
-                         channels_per_head=64, dropout=0.1, sigma_max=80.0, batch=40, lr=2e-6, adm_lr=5e-7, tsm_lr=2e-5,
-                         weight_decay=0.01, clip=10.0, warmup=500, ratio=5, gan_gen_weight=3e-3,
-                         gan_critic_weight=1e-2, tsm_steps=20000, dm_steps=4000, adm_steps=4000, log_every=100,
-                         grid_every=1000, ckpt_every=500, heun_steps=256, fid_samples=50000, fid_ref=50000,
-                         fid_teacher=0),
+    'imagenet64': Config(out='runs/imagenet64', stages='dm,adm', students=4, partition='contiguous', model_channels=192,
+                         channel_mult='1,2,3,4', num_blocks=3, attn_resolutions='32,16,8', channels_per_head=64,
+                         dropout=0.1, sigma_max=80.0, batch=40, lr=2e-6, adm_lr=5e-7, tsm_lr=2e-5, weight_decay=0.01,
+                         clip=10.0, warmup=500, ratio=5, gan_gen_weight=3e-3, gan_critic_weight=1e-2, tsm_steps=20000,
+                         dm_steps=4000, adm_steps=4000, log_every=100, grid_every=1000, ckpt_every=500, heun_steps=256,
+                         fid_samples=50000, fid_ref=50000, fid_teacher=0),
 }
 
 
@@ -138,9 +135,8 @@ def parse_args(argv=None) -> Config:
     for f in fields(Config):
         ap.add_argument('--' + f.name, type=f.type, default=None,
                         help=f'{f.metadata["help"]} (fashion: {getattr(PRESETS["fashion"], f.name)!r})')
-    args = ap.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    return replace(PRESETS[args.preset], **overrides)
+    args = vars(ap.parse_args(argv))
+    return replace(PRESETS[args.pop('preset')], **{k: v for k, v in args.items() if v is not None})
 
 
 def net_config(cfg: Config, data: ImageData) -> NetConfig:
@@ -164,17 +160,15 @@ class Dist:
 def init_dist(cfg: Config) -> Dist:
     """This process's rank, world size and device; torchrun's environment starts a process group (NCCL or gloo)."""
     cuda = torch.cuda.is_available() if cfg.device == 'auto' else cfg.device == 'cuda'
-    if cfg.device == 'cuda' and not torch.cuda.is_available():
+    if cuda and not torch.cuda.is_available():
         raise ValueError('--device cuda but no CUDA device is visible')
     d = Dist()
-    if 'RANK' in os.environ:                                   # launched by torchrun
-        # a rank with fewer students waits for the others at a barrier: allow long stages
+    if 'RANK' in os.environ:            # torchrun; a rank with fewer students waits at barriers: allow long stages
         dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(days=1))
         d.rank, d.world = dist.get_rank(), dist.get_world_size()
     if cuda:
-        local = int(os.environ.get('LOCAL_RANK', 0))
-        torch.cuda.set_device(local)
-        d.device = torch.device('cuda', local)
+        d.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(d.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return d
 
@@ -213,9 +207,8 @@ def autocast(device):
     return torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
-# ---- Metrics and checkpoints. A resumable state (ckpt/, kind 'state') holds the state_dicts of its parts
-# (networks, optimisers, schedulers) and every rank's RNG states: a resumed run draws the numbers an uninterrupted
-# one would.
+# ---- Metrics and checkpoints. A resumable state (ckpt/, kind 'state') holds the state_dicts of its parts (networks,
+# optimisers, schedulers) and every rank's RNG states: a resumed run draws the numbers an uninterrupted one would.
 
 def log_metrics(cfg, record):
     with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
@@ -256,26 +249,17 @@ def save_state(path, parts, gen, group, n, leader, **info):
     the leader writes them with the state_dicts of `parts` and `info`."""
     rng = dict(torch=torch.get_rng_state(), data=gen.get_state(),
                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8))
-    rngs = [rng] if n == 1 else [None] * n
+    rngs = [rng] * n
     if n > 1:
         dist.all_gather_object(rngs, rng, group=group)
     if leader:
         atomic_save(dict(kind='state', **{name: p.state_dict() for name, p in parts.items()}, rng=rngs, **info), path)
 
 
-@contextlib.contextmanager
-def resuming(path):
-    """Restoring saved state: contents that do not fit this run end in a one-line error."""
-    try:
-        yield
-    except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f'{path} does not fit this run ({reason(e)})') from None
-
-
 def restore(path, state, parts, gen=None, rank=0, rank0_if_new=False):
     """Load `parts` from a saved state and, given `gen`, the RNG states saved by the group's rank `rank`
     (rank0_if_new: rank 0's for a rank the saved run did not have); returns the saved step."""
-    with resuming(path):
+    try:
         for name, p in parts.items():
             p.load_state_dict(state[name])
             # Optimizer.load_state_dict leaves the moments' shapes unchecked (a fused step would fail).
@@ -290,6 +274,8 @@ def restore(path, state, parts, gen=None, rank=0, rank0_if_new=False):
         if torch.cuda.is_available() and rng['cuda'].numel():
             torch.cuda.set_rng_state(rng['cuda'])
         return int(state['step'])
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as e:    # a state of another run
+        raise ValueError(f'{path} does not fit this run ({reason(e)})') from None
 
 
 # ---- The optimiser step, shared by every stage.
@@ -297,12 +283,10 @@ def restore(path, state, parts, gen=None, rank=0, rank0_if_new=False):
 def make_optimizer(params, lr, cfg, adam=False, steps_per_update=1):
     """AdamW (Adam for the teacher) with a linear warm-up over cfg.warmup iterations; an optimiser that steps
     once every `steps_per_update` iterations (the generator under TTUR) warms up over as many iterations (DMD2)."""
-    # fused: one kernel for all parameters, CUDA and CPU (here: 4 ms per AdamW step of the 1.4M-parameter
-    # network, against 21 ms for the per-tensor loop and 14 ms for foreach).
-    adam_or_adamw = torch.optim.Adam if adam else torch.optim.AdamW
-    o = adam_or_adamw(params, lr=lr, betas=(0.9, 0.999), weight_decay=0 if adam else cfg.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) * steps_per_update / max(cfg.warmup, 1)))
-    return o, sched
+    # fused: one kernel for all parameters, CUDA and CPU (here 4 ms per AdamW step, per-tensor 21 ms, foreach 14 ms)
+    o = (torch.optim.Adam if adam else torch.optim.AdamW)(params, lr=lr, betas=(0.9, 0.999), fused=True,
+                                                          weight_decay=0 if adam else cfg.weight_decay)
+    return o, torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) * steps_per_update / max(cfg.warmup, 1)))
 
 
 def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=''):
@@ -317,8 +301,8 @@ def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=
     bad = (~torch.isfinite(vals)).any().float().reshape(1)
     if n > 1:
         dist.all_reduce(bad, group=group)
-    *vals, bad = torch.cat([vals, bad]).tolist()                 # the one sync
-    gn, losses = vals[0], dict(zip(losses, vals[1:]))
+    gn, *vals, bad = torch.cat([vals, bad]).tolist()                 # the one sync
+    losses = dict(zip(losses, vals))
     if bad:
         opt.zero_grad(set_to_none=True)
         msg = f'{where}: non-finite ' + ', '.join(f'loss {k} = {v:.4g}' for k, v in losses.items())
@@ -360,8 +344,7 @@ def train_teacher(cfg, d: Dist, data: ImageData):
             print(f'warning: after {cfg.teacher_steps} steps the EMA teacher still holds '
                   f'{100 * cfg.ema ** cfg.teacher_steps:.0f}% of the random initial weights (--ema {cfg.ema}); '
                   'lower --ema or train longer', file=sys.stderr, flush=True)
-    bar = S.progress(cfg.teacher_steps, 'teacher', step, d.main)
-    t0, step0 = time.time(), step
+    bar, t0, step0 = S.progress(cfg.teacher_steps, 'teacher', step, d.main), time.time(), step
     while step < cfg.teacher_steps:
         x, y = data.get(torch.randint(len(data), (cfg.teacher_batch,), generator=gen))
         with autocast(d.device):
@@ -389,8 +372,7 @@ def train_teacher(cfg, d: Dist, data: ImageData):
         dist.barrier()
 
 
-# ---- Student stages. One `StudentRun` holds what one student needs; the critic step and the generator
-# step are separate functions that return small dicts of floats.
+# ---- Student stages: one `StudentRun` holds what one student needs; each update returns a small dict of floats.
 
 class StudentRun:
     """Noise, labels and sigmas are drawn on the device (global RNG, saved with each checkpoint; a run resumed on
@@ -494,20 +476,16 @@ def stage_path(cfg, stage, k):
 
 def regression_pairs(cfg, d, teacher, num_classes, shape):
     """DMD's paired set: (z, y, teacher Heun sample from z) over ALL classes (MSD Fig. 8), cached."""
-    path = os.path.join(cfg.out, 'ckpt', 'regression_pairs.pt')
+    path, n = os.path.join(cfg.out, 'ckpt', 'regression_pairs.pt'), cfg.regression_pairs
     if os.path.exists(path):
-        pairs, n = read_checkpoint(path, None), cfg.regression_pairs
-        with resuming(path):
-            if {k: tuple(v.shape) for k, v in pairs.items()} != dict(z=(n, *shape), y=(n,), x=(n, *shape)):
-                raise ValueError(f'not {n} pairs of {shape} images')
+        pairs = read_checkpoint(path, None)
+        if {k: tuple(getattr(v, 'shape', ())) for k, v in pairs.items()} != dict(z=(n, *shape), y=(n,), x=(n, *shape)):
+            raise ValueError(f'{path} does not fit this run (not {n} pairs of {shape} images)')
         return pairs
-    seeds = list(range(10 ** 6, 10 ** 6 + cfg.regression_pairs))
-    z = S.seeded_noise(seeds, shape)
-    y = torch.arange(cfg.regression_pairs) % num_classes
-    x = torch.cat([S.heun(teacher, z[i:i + 64].to(d.device), y[i:i + 64].to(d.device), cfg.heun_steps,
-                          cfg.sigma_max).cpu() for i in range(0, len(z), 64)])
-    pairs = dict(z=z, y=y, x=x)
-    atomic_save(pairs, path + f'.rank{d.rank}')
+    z, y = S.seeded_noise(list(range(10 ** 6, 10 ** 6 + n)), shape), torch.arange(n) % num_classes
+    pairs = dict(z=z, y=y, x=torch.cat([S.heun(teacher, z[i:i + 64].to(d.device), y[i:i + 64].to(d.device),
+                                               cfg.heun_steps, cfg.sigma_max).cpu() for i in range(0, n, 64)]))
+    atomic_save(pairs, path + f'.rank{d.rank}')                  # each rank its own file, then one rename
     os.replace(path + f'.rank{d.rank}', path)
     return pairs
 
@@ -520,9 +498,8 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
     run = StudentRun(cfg, d, k, groups[k], data, teacher, group, n_ranks)
     G, fake = build_pair(cfg, teacher, d.device)
     smaller = G.net.cfg.model_channels < teacher.cfg.model_channels
-    if d.main:
-        print(f'student {k}: classes {groups[k]}, {count_params(G) / 1e6:.2f}M parameters'
-              f'{" (smaller: TSM first)" if smaller else " (copy of the teacher)"}', flush=True)
+    d.main and print(f'student {k}: classes {groups[k]}, {count_params(G) / 1e6:.2f}M parameters'
+                     f'{" (smaller: TSM first)" if smaller else " (copy of the teacher)"}', flush=True)
     pairs = None
     if cfg.regression_weight > 0 and 'dm' in stages:
         pairs = {a: b.to(d.device) for a, b in regression_pairs(cfg, d, teacher, data.num_classes, data.shape).items()}
@@ -755,9 +732,8 @@ def final_eval(cfg, d, teacher, msd, data):
 
 
 def cli(argv=None):
-    cfg = parse_args(argv)
     try:
-        main(cfg)
+        main(parse_args(argv))
     except (ValueError, OSError, FloatingPointError) as e:        # OSError: missing files, full disk, ...
         if os.environ.get('MSD_DEBUG'):
             raise
