@@ -29,7 +29,8 @@ import train
 from data import load_data
 from msd import MSD, load_msd
 from student import Student, student_config
-from teacher import count_params, load_teacher, one_line_errors, read_checkpoint
+from checkpoint import load_teacher, one_line_errors, read_checkpoint
+from teacher import count_params
 
 
 @dataclass(eq=False)

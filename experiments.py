@@ -37,7 +37,8 @@ import bench as B
 import sample as S
 from data import FASHION_DIR, load_data, read_idx_pair
 from msd import MSD, load_msd, load_student
-from teacher import count_params, load_teacher, one_line_errors, read_checkpoint
+from checkpoint import load_teacher, one_line_errors, read_checkpoint
+from teacher import count_params
 
 
 def opt(default, help):

@@ -12,7 +12,6 @@ run's config; it loads with torch.load(weights_only=True), so opening it never r
 Run: python sample.py --ckpt runs/fashion/msd.pt --grid grid.png
      python msd.py runs/fashion/msd.pt msd-bf16.pt --dtype bfloat16     (a copy with weights stored in bf16)
 """
-import os
 from dataclasses import asdict
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 import partition as P
 from student import Student
-from teacher import LIMITS, check_weights, net_config_from_dict, one_line_errors, read_checkpoint
+from checkpoint import LIMITS, atomic_save, check_weights, net_config_from_dict, one_line_errors, read_checkpoint
 
 
 class MSD(nn.Module):
@@ -122,8 +121,7 @@ def main(argv=None):
         msd, ckpt = load_msd(args.src), read_checkpoint(args.src, 'msd')      # checked first, then cast as read
         for record in ckpt['students']:
             record['state_dict'] = {k: v.to(getattr(torch, args.dtype)) for k, v in record['state_dict'].items()}
-        torch.save(ckpt, args.dst + '.tmp')
-        os.replace(args.dst + '.tmp', args.dst)
+        atomic_save(ckpt, args.dst)
     print(f'wrote {args.dst} ({len(msd.students)} students, weights in {args.dtype})')
 
 

@@ -13,6 +13,7 @@ A partition is plain data, a list of K lists of class indices, saved in every ch
 Run: python -c "import partition; print(partition.make_partition('contiguous', 10, 4))"
 """
 import collections
+import json
 import operator
 
 import torch
@@ -123,6 +124,18 @@ def make_partition(strategy, num_classes, k, seed=0, embeddings=None):
             raise ValueError('kmeans partition needs class embeddings (a teacher)')
         groups = kmeans_partition(embeddings, k, seed)
     return validate(groups, num_classes)
+
+
+def read_partition(path, num_classes, k):
+    """A partition from a JSON file (K lists of class indices, e.g. [[0, 1], [2, 3]]), checked like any other."""
+    with open(path) as f:
+        try:
+            groups = validate(json.load(f), num_classes)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f'{path}: not a JSON list of lists of class indices ({e})') from None
+    if len(groups) != k:
+        raise ValueError(f'{path} has {len(groups)} groups but --students is {k}')
+    return groups
 
 
 def routing_table(groups, num_classes):

@@ -30,7 +30,8 @@ import torch
 
 from data import FASHION_DIR, ImageData, load_data
 from msd import load_msd
-from teacher import heun_sampler, is_pickle_file, load_teacher, one_line_errors, read_checkpoint, seeded_noise, to_uint8
+from checkpoint import is_pickle_file, load_teacher, one_line_errors, read_checkpoint
+from teacher import heun_sampler, seeded_noise, to_uint8
 
 CACHE = os.environ.get('MSD_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'msd'))
 

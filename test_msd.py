@@ -28,7 +28,8 @@ import sample as S
 import msd as msd_module
 from msd import MSD, load_msd, msd_checkpoint
 from student import FakeScore, GANHead, Student, student_config
-from teacher import EDMPrecond, NetConfig, build_net, heun_sampler, load_teacher, seeded_noise, teacher_checkpoint
+from checkpoint import load_teacher, teacher_checkpoint
+from teacher import EDMPrecond, NetConfig, build_net, heun_sampler, seeded_noise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = NetConfig(img_resolution=8, img_channels=1, label_dim=6, model_channels=8, channel_mult=(1, 2),
@@ -774,9 +775,9 @@ def test_hostile_pickles_in_a_fresh_process(tmp_path):
              'inductor.pkl': pk({'ema': call('torch._inductor.config')})}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    code = ('import sys, teacher\n'
+    code = ('import sys, checkpoint\n'
             'for p in sys.argv[1:]:\n'
-            '    try:\n        teacher.read_edm_pickle(p)\n'
+            '    try:\n        checkpoint.read_edm_pickle(p)\n'
             '    except ValueError as e:\n        print(str(e).split(": ", 1)[1])\n'
             'print("torch._dynamo" in sys.modules or "torch._inductor" in sys.modules)\n')
     r = subprocess.run([sys.executable, '-c', code, *[str(tmp_path / n) for n in files]], cwd=HERE,
@@ -792,7 +793,7 @@ def test_hostile_small_files_allocate_nothing_big(tmp_path, monkeypatch):
     built; settings, module trees, archives and lists are bounded first."""
     import dataclasses
     import student
-    import teacher as T
+    import checkpoint as T
     good = teacher_checkpoint(build_net(TINY))
     big = dataclasses_replace(TINY, model_channels=512, label_dim=0)
     with torch.device('meta'):
@@ -836,7 +837,7 @@ def test_hostile_small_files_allocate_nothing_big(tmp_path, monkeypatch):
 def test_hostile_malformed_files_get_one_line(tmp_path, capsys):
     """Values of the wrong type or out of bounds, missing fields, objects made the wrong way: one line
     from the converter and from sample.py, however the file is broken."""
-    import teacher as T
+    import checkpoint as T
     good = teacher_checkpoint(randomize(build_net(TINY)))
     msd = msd_checkpoint([Student(TINY)] * 2, [[0, 1, 2], [3, 4, 5]], 6, {})
     small = msd_checkpoint([Student(dataclasses_replace(TINY, model_channels=4))] * 2, [[0, 1, 2], [3, 4, 5]], 6, {})
@@ -885,7 +886,7 @@ def test_hostile_malformed_files_get_one_line(tmp_path, capsys):
 def test_hostile_storages_tensors_and_nonfinite_weights(tmp_path, capsys):
     """Storages are exactly as large as their bytes and tensors lie inside them; BUILD cannot reach
     Tensor.__setstate__ (set_ would grow a storage); NaN or infinite weights are refused by name."""
-    import teacher as T
+    import checkpoint as T
     four = storage_bytes(torch.zeros(4))                     # 16 bytes (an untyped storage)
     zip_storage = io.BytesIO()
     torch.save(torch.zeros(4).untyped_storage(), zip_storage)
@@ -1111,7 +1112,7 @@ def write_edm_pickle(net, path, extra_src=''):
                                                  channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16, 4),
                                                  channels_per_head=16)])
 def test_edm_pickle_loads_without_nvidia_code(tmp_path, cfg):
-    import teacher as T
+    import checkpoint as T
     net = randomize(build_net(cfg)).eval()
     path = str(tmp_path / 'edm.pkl')
     write_edm_pickle(net, path)
@@ -1138,7 +1139,7 @@ def dataclasses_replace(cfg, **kw):
 
 def test_edm_pickles_that_ask_for_code_are_refused(tmp_path):
     import pickle
-    import teacher as T
+    import checkpoint as T
     marker = tmp_path / 'PWNED'
 
     Evil = evil_class(marker)

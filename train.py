@@ -35,7 +35,8 @@ import sample as S
 from data import FASHION_DIR, ImageData, load_data
 from msd import MSD, load_student, msd_checkpoint
 from student import FakeScore, Student
-from teacher import NetConfig, build_net, count_params, load_teacher, read_checkpoint, reason, teacher_checkpoint
+from checkpoint import atomic_save, load_teacher, read_checkpoint, reason, teacher_checkpoint
+from teacher import NetConfig, build_net, count_params
 
 STAGES = ('teacher', 'tsm', 'dm', 'adm')
 
@@ -222,21 +223,6 @@ def log_throughput(cfg, stage, k, steps, sec, images_per_step):
     log_metrics(cfg, rec)
     who = stage if k == '-' else f'{stage} (student {k})'
     print(f'{who}: {rec["steps_per_s"]} steps/s, {rec["images_per_s"]} images/s', flush=True)
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:                  # e.g. a full disk: keep the previous file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f'could not save {path} ({e}); the previous file is kept') from None
 
 
 def load_state(path):
@@ -672,14 +658,7 @@ def class_partition(cfg, data, teacher):
     if not cfg.partition_file:
         emb = teacher.model.map_label.weight.t().detach().cpu() if cfg.partition == 'kmeans' else None
         return P.make_partition(cfg.partition, data.num_classes, cfg.students, cfg.seed, emb)
-    with open(cfg.partition_file) as f:
-        try:
-            groups = P.validate(json.load(f), data.num_classes)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f'{cfg.partition_file}: not a JSON list of lists of class indices ({e})') from None
-    if len(groups) != cfg.students:
-        raise ValueError(f'{cfg.partition_file} has {len(groups)} groups but --students is {cfg.students}')
-    return groups
+    return P.read_partition(cfg.partition_file, data.num_classes, cfg.students)
 
 
 def train_students(cfg, d, mine, n_ranks, pgs, groups, data, teacher, stages):
