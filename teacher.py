@@ -11,7 +11,6 @@
 - `heun_sampler` is EDM Algorithm 1 (deterministic, 2N-1 network evaluations), in float64 on the
   Karras grid, with each image's noise drawn from its own seed.
 - The EDM training loss lives in losses.py (`edm_loss`); train.py's teacher stage uses it.
-
 - Reading checkpoints (ours and NVIDIA's EDM pickles) safely: checkpoint.py (`load_teacher`).
 
 Run:  python train.py --stages teacher            (trains one on Fashion-MNIST)
