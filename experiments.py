@@ -12,7 +12,7 @@ routing), parameters, one-step latency and images/s on the machine that ran it (
 training time. K = 4 also gets per-student FID (each student's samples against the real images of
 its own classes), and K = 1 vs K = 4 a plot of FID against generator iterations.
 
-    python experiments.py                       # 2-core CPU preset: 250 updates per student, about 5 hours
+    python experiments.py                       # 2-core CPU preset: 250 updates per student, several hours
     python experiments.py --preset gpu          # larger sizes on one GPU (students train in parallel)
     python experiments.py --parts report        # rewrite RESULTS.md from runs/grid/results.json
 
