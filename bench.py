@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import partition as P
 import sample as S
 import train
 from data import load_data
@@ -207,7 +208,8 @@ def profile_training(cfg, data, teacher, iterations, out):
     also its host-device syncs), the DM iteration without the optional regression loss. Returns {stage: iterations/s}."""
     d = train.init_dist(cfg)
     cuda, teacher, rates = d.device.type == 'cuda', teacher.to(d.device), {}
-    run = train.StudentRun(cfg, d, 0, train.class_partition(cfg, data, teacher)[0], data, teacher, None, 1)
+    groups = P.class_groups(cfg.partition, data.num_classes, cfg.students, cfg.seed, teacher, cfg.partition_file)
+    run = train.StudentRun(cfg, d, 0, groups[0], data, teacher, None, 1)
     G, fake = train.build_pair(cfg, teacher, d.device)
     go, gsched = train.make_optimizer(list(G.parameters()), cfg.lr, cfg, steps_per_update=cfg.ratio)
     fo, fsched = train.make_optimizer(list(fake.parameters()), cfg.lr, cfg)

@@ -7,6 +7,7 @@
 - `load_teacher` also reads NVIDIA's EDM network pickles (e.g. edm-imagenet-64x64-cond-adm.pkl) without
   NVIDIA's code and without executing anything stored in them (a restricted unpickler, `read_edm_pickle`).
 - `atomic_save`: a crash or a full disk never leaves a half-written file.
+- `save_state` / `load_state` / `restore`: train.py's resumable states (weights, optimisers, every rank's RNG).
 - `one_line_errors`: bad input to a command ends in one line, not a traceback.
 
 Run:  python checkpoint.py edm-imagenet-64x64-cond-adm.pkl edm-imagenet64-teacher.pt     (convert a pickle)
@@ -24,6 +25,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from teacher import EDMPrecond, NetConfig, UNetBlock, build_net, count_params
@@ -66,14 +68,15 @@ def reason(e):
 
 @contextlib.contextmanager
 def one_line_errors(errors=(ValueError, OSError)):
-    """A command's bad input ends in one line on stderr and exit status 2 (MSD_DEBUG=1: the traceback)."""
+    """A command's bad input ends in one line on stderr and exit status 2, a FloatingPointError (a non-finite
+    training loss) in exit status 3 (MSD_DEBUG=1: the traceback)."""
     try:
         yield
     except errors as e:
         if os.environ.get('MSD_DEBUG'):
             raise
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(3 if isinstance(e, FloatingPointError) else 2)
 
 
 def net_config_from_dict(d, where='network settings') -> NetConfig:
@@ -443,17 +446,26 @@ def read_edm_pickle(path, key='ema'):
         raise ValueError(f'{path}: {e}') from None
 
 
-def load_teacher(path, map_location='cpu') -> EDMPrecond:
+def check_fits(cfg: NetConfig, data, path):
+    """Refuse a network that is not for the data's (an ImageData's) classes, channels and resolution."""
+    if (cfg.label_dim, cfg.img_channels, cfg.img_resolution) != (data.num_classes, data.shape[0], data.shape[-1]):
+        raise ValueError(f'{path} is for {cfg.label_dim} classes at {cfg.img_channels}x{cfg.img_resolution}, '
+                         f'the data has {data.num_classes} classes at {tuple(data.shape)}')
+
+
+def load_teacher(path, map_location='cpu', data=None) -> EDMPrecond:
     """The teacher denoiser D(x, sigma, labels), in eval mode, from either of
     - our checkpoint ({'kind': 'teacher', 'net': NetConfig dict, 'state_dict': ...}, weights_only=True), or
     - an NVIDIA EDM network pickle (.pkl, {'ema': EDMPrecond, ...}), read by the restricted unpickler above;
-    the weights load with strict key and shape matching."""
+    the weights load with strict key and shape matching. Given `data`, a teacher for other data is refused."""
     if is_pickle_file(path):
         cfg, state_dict = read_edm_pickle(path)
     else:
         ckpt = read_checkpoint(path, 'teacher')
         cfg, state_dict = net_config_from_dict(ckpt.get('net'), path), ckpt.get('state_dict')
     check_weights(cfg, state_dict, path)
+    if data is not None:
+        check_fits(cfg, data, f'teacher {path}')
     net = build_net(cfg)
     net.load_state_dict(state_dict)
     return net.to(map_location).eval().requires_grad_(False)
@@ -485,6 +497,48 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(f'could not save {path} ({e}); the previous file is kept') from None
+
+
+# ---- Resumable training state (train.py's ckpt/, kind 'state'): the state_dicts of its parts (networks,
+# optimisers, schedulers) and every rank's RNG states, so a resumed run draws the numbers an uninterrupted one would.
+
+def load_state(path):
+    """A resumable state saved by this script (kind 'state'), or None if there is none."""
+    return read_checkpoint(path, 'state') if os.path.exists(path) else None
+
+
+def save_state(path, parts, gen, group, n, leader, **info):
+    """Gather the RNG states (global, the data generator `gen`, CUDA) of the group's n ranks in rank order;
+    the leader writes them with the state_dicts of `parts` and `info`."""
+    rng = dict(torch=torch.get_rng_state(), data=gen.get_state(),
+               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8))
+    rngs = [rng] * n
+    if n > 1:
+        dist.all_gather_object(rngs, rng, group=group)
+    if leader:
+        atomic_save(dict(kind='state', **{name: p.state_dict() for name, p in parts.items()}, rng=rngs, **info), path)
+
+
+def restore(path, state, parts, gen=None, rank=0, rank0_if_new=False):
+    """Load `parts` from a saved state and, given `gen`, the RNG states saved by the group's rank `rank`
+    (rank0_if_new: rank 0's for a rank the saved run did not have); returns the saved step."""
+    try:
+        for name, p in parts.items():
+            p.load_state_dict(state[name])
+            # Optimizer.load_state_dict leaves the moments' shapes unchecked (a fused step would fail).
+            if isinstance(p, torch.optim.Optimizer) and any(torch.is_tensor(v) and v.ndim and v.shape != q.shape
+                                                            for q, s in p.state.items() for v in s.values()):
+                raise ValueError('optimizer state of other shapes than the parameters')
+        if gen is None:
+            return 0
+        rng = state['rng'][0 if rank0_if_new and rank >= len(state['rng']) else rank]
+        torch.set_rng_state(rng['torch'])
+        gen.set_state(rng['data'])
+        if torch.cuda.is_available() and rng['cuda'].numel():
+            torch.cuda.set_rng_state(rng['cuda'])
+        return int(state['step'])
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as e:    # a state of another run
+        raise ValueError(f'{path} does not fit this run ({reason(e)})') from None
 
 
 def main(argv=None):

@@ -138,6 +138,14 @@ def read_partition(path, num_classes, k):
     return groups
 
 
+def class_groups(strategy, num_classes, k, seed=0, teacher=None, path=''):
+    """A run's partition: the JSON file at `path`, else `strategy` (kmeans: on the teacher's label embedding)."""
+    if path:
+        return read_partition(path, num_classes, k)
+    emb = teacher.model.map_label.weight.t().detach().cpu() if strategy == 'kmeans' and teacher is not None else None
+    return make_partition(strategy, num_classes, k, seed, emb)
+
+
 def routing_table(groups, num_classes):
     """student_of[c] = index of the student that owns class c (a LongTensor, the inference lookup)."""
     table = torch.full((num_classes,), -1, dtype=torch.long)

@@ -30,7 +30,7 @@ import torch
 
 from data import FASHION_DIR, ImageData, load_data
 from msd import load_msd
-from checkpoint import is_pickle_file, load_teacher, one_line_errors, read_checkpoint
+from checkpoint import check_fits, is_pickle_file, load_teacher, one_line_errors, read_checkpoint
 from teacher import heun_sampler, seeded_noise, to_uint8
 
 CACHE = os.environ.get('MSD_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'msd'))
@@ -299,8 +299,7 @@ def main(argv=None):
         print(f'wrote {len(seeds)} images to {args.outdir}')
     if args.fid:
         data = load_data(args.data)
-        if data.num_classes != cfg.label_dim or tuple(data.shape) != shape:
-            raise ValueError(f'checkpoint is for {cfg.label_dim} classes of {shape}, the data has {data.num_classes} of {data.shape}')
+        check_fits(cfg, data, args.ckpt)
         t0 = time.time()
         value = fid(gen, data, args.fid, args.fid_ref, device)
         print(f'FID {value:.2f}  ({desc}, {nfe} NFE, {args.fid} samples vs {min(args.fid_ref, len(data))} training images, '

@@ -587,6 +587,16 @@ def test_partition_contiguous_and_kmeans_recover_structure():
     assert sorted(groups) == sorted([[c for c in range(12) if c % 4 == j] for j in range(4)])
 
 
+def test_class_groups_file_or_strategy_on_the_teachers_label_embedding(tmp_path):
+    """A run's partition: a JSON file wins over --partition; kmeans clusters the teacher's label embedding."""
+    teacher = build_net(TINY)
+    emb = teacher.model.map_label.weight.t().detach()
+    assert P.class_groups('kmeans', 6, 2, 3, teacher) == P.make_partition('kmeans', 6, 2, 3, emb)
+    assert P.class_groups('random', 6, 3, 5) == P.make_partition('random', 6, 3, 5)
+    (tmp_path / 'p.json').write_text('[[5, 0, 1], [2, 3, 4]]')
+    assert P.class_groups('contiguous', 6, 2, path=str(tmp_path / 'p.json')) == [[5, 0, 1], [2, 3, 4]]
+
+
 def test_partition_rejects_bad_input():
     for bad in ([[0, 1], [1, 2]], [[0, 1], []], [[0, 1, 2]], [[0, 1], [2, 3, 4]], [[0, 1, 2, 3, -1]]):
         with pytest.raises(ValueError):
@@ -919,17 +929,18 @@ def test_hostile_storages_tensors_and_nonfinite_weights(tmp_path, capsys):
 
 def test_hostile_resume_state(tmp_path):
     """Resumable states go through the same reader; contents that do not fit the run are one line."""
+    import checkpoint as T
     import train
     p = str(tmp_path / 'state.pt')
     torch.save({'kind': 'state', 'x': torch.nn.Identity()}, p)
     with pytest.raises(ValueError, match='not a readable checkpoint.*refusing torch.nn.modules.linear.Identity'):
-        train.load_state(p)
+        T.load_state(p)
     net = build_net(TINY)
     o, _ = train.make_optimizer(list(net.parameters()), 1e-3, train.Config())
     bad = {'state': {i: {'step': torch.tensor(1.0), 'exp_avg': torch.zeros(1), 'exp_avg_sq': torch.zeros(1)}
                      for i in range(len(o.param_groups[0]['params']))}, 'param_groups': o.state_dict()['param_groups']}
     with pytest.raises(ValueError, match=f'{re.escape(p)} does not fit this run .*other shapes'):
-        train.restore(p, {'opt': bad}, {'opt': o})
+        T.restore(p, {'opt': bad}, {'opt': o})
 
 
 # ---------------------------------------------------------------- data

@@ -35,7 +35,8 @@ import sample as S
 from data import FASHION_DIR, ImageData, load_data
 from msd import MSD, load_student, msd_checkpoint
 from student import FakeScore, Student
-from checkpoint import atomic_save, load_teacher, read_checkpoint, reason, teacher_checkpoint
+from checkpoint import (atomic_save, load_state, load_teacher, one_line_errors, read_checkpoint, restore, save_state,
+                        teacher_checkpoint)
 from teacher import NetConfig, build_net, count_params
 
 STAGES = ('teacher', 'tsm', 'dm', 'adm')
@@ -105,10 +106,9 @@ class Config:
 FASHION_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'checkpoints', 'fashion-teacher.pt')
 
 PRESETS = {
-    # The default main job: 4 same-size students distilled from the committed Fashion-MNIST teacher, sized
-    # for `make run` on a 2-core CPU (2 ranks) in 30 minutes. FID-1k curves of this teacher's students:
-    # lr 1e-4 beats 3e-4 and 1e-3; ratio 2 diverges in ADM; GAN generator weight 3e-2 (10x DMD2's) gains
-    # more per ADM update than 3e-3. --teacher '' trains a teacher first (1.4M parameters).
+    # The main job: 4 same-size students of the committed Fashion-MNIST teacher, `make run` on a 2-core CPU (2 ranks)
+    # in 30 minutes. FID-1k curves of its students: lr 1e-4 beats 3e-4 and 1e-3; ratio 2 diverges in ADM; GAN weight
+    # 3e-2 (10x DMD2's) gains more per ADM update than 3e-3. --teacher '' trains a teacher first (1.4M parameters).
     'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, dm_steps=70, adm_steps=55, warmup=20,
                       gan_gen_weight=3e-2, fid_samples=1000, fid_ref=1000),
     # Every stage, smaller students included, tiny sizes: the CI / torchrun check.
@@ -116,16 +116,15 @@ PRESETS = {
                     attn_resolutions='14', channels_per_head=16, teacher_steps=30, teacher_batch=16, teacher_lr=2e-3,
                     heun_steps=4, student_width=0.5, batch=8, tsm_steps=6, dm_steps=3, adm_steps=2, ratio=2, warmup=2,
                     log_every=2, ckpt_every=2, fid_samples=0, regression_weight=0.25, regression_pairs=8),
-    # MSD's ImageNet-64 setting with DMD2's hyper-parameters, for NVIDIA's edm-imagenet-64x64-cond-adm.pkl (give
-    # --teacher and --data): 4 students of 250 classes, batch 40 per GPU, bf16; 4000 generator steps = 20k iterations.
-    # ADM at 5e-7: DMD2's best ImageNet run (FID 1.28) resumed its 2e-6 DM run with the GAN at 5e-7 (MSD gives none).
-    # Smaller students: --student_width 0.67 (128 channels, 55.5% fewer parameters) --stages tsm,dm,adm.
-    'imagenet64': Config(out='runs/imagenet64', stages='dm,adm', students=4, partition='contiguous', model_channels=192,
-                         channel_mult='1,2,3,4', num_blocks=3, attn_resolutions='32,16,8', channels_per_head=64,
-                         dropout=0.1, sigma_max=80.0, batch=40, lr=2e-6, adm_lr=5e-7, tsm_lr=2e-5, weight_decay=0.01,
-                         clip=10.0, warmup=500, ratio=5, gan_gen_weight=3e-3, gan_critic_weight=1e-2, tsm_steps=20000,
-                         dm_steps=4000, adm_steps=4000, log_every=100, grid_every=1000, ckpt_every=500, heun_steps=256,
-                         fid_samples=50000, fid_ref=50000, fid_teacher=0),
+    # MSD's ImageNet-64 setting for NVIDIA's edm-imagenet-64x64-cond-adm.pkl (give --teacher and --data): 4 contiguous
+    # students of 250 classes, DMD2's hyper-parameters (the defaults: AdamW, weight decay 0.01, clip 10, ratio 5, GAN
+    # weights 3e-3 / 1e-2), batch 40 per GPU, bf16; 4000 generator steps = 20k iterations. ADM at 5e-7: DMD2's best
+    # ImageNet run (FID 1.28) resumed its 2e-6 DM run with the GAN at 5e-7 (MSD gives none). Smaller students:
+    # --student_width 0.67 (128 channels, 55.5% fewer parameters) --stages tsm,dm,adm.
+    'imagenet64': Config(out='runs/imagenet64', stages='dm,adm', model_channels=192, channel_mult='1,2,3,4',
+                         num_blocks=3, attn_resolutions='32,16,8', batch=40, lr=2e-6, adm_lr=5e-7, tsm_lr=2e-5,
+                         warmup=500, tsm_steps=20000, dm_steps=4000, adm_steps=4000, log_every=100, grid_every=1000,
+                         ckpt_every=500, heun_steps=256, fid_samples=50000, fid_ref=50000, fid_teacher=0),
 }
 
 
@@ -208,8 +207,7 @@ def autocast(device):
     return torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
-# ---- Metrics and checkpoints. A resumable state (ckpt/, kind 'state') holds the state_dicts of its parts (networks,
-# optimisers, schedulers) and every rank's RNG states: a resumed run draws the numbers an uninterrupted one would.
+# ---- Metrics (metrics.jsonl). Resumable states (ckpt/) are written and read by checkpoint.py.
 
 def log_metrics(cfg, record):
     with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
@@ -221,47 +219,8 @@ def log_throughput(cfg, stage, k, steps, sec, images_per_step):
     rec = dict(stage=stage, student=k, throughput=True, steps=steps, sec=round(sec, 2),
                steps_per_s=round(steps / sec, 4), images_per_s=round(steps * images_per_step / sec, 2))
     log_metrics(cfg, rec)
-    who = stage if k == '-' else f'{stage} (student {k})'
-    print(f'{who}: {rec["steps_per_s"]} steps/s, {rec["images_per_s"]} images/s', flush=True)
-
-
-def load_state(path):
-    """A resumable state saved by this script (kind 'state'), or None if there is none."""
-    return read_checkpoint(path, 'state') if os.path.exists(path) else None
-
-
-def save_state(path, parts, gen, group, n, leader, **info):
-    """Gather the RNG states (global, the data generator `gen`, CUDA) of the group's n ranks in rank order;
-    the leader writes them with the state_dicts of `parts` and `info`."""
-    rng = dict(torch=torch.get_rng_state(), data=gen.get_state(),
-               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8))
-    rngs = [rng] * n
-    if n > 1:
-        dist.all_gather_object(rngs, rng, group=group)
-    if leader:
-        atomic_save(dict(kind='state', **{name: p.state_dict() for name, p in parts.items()}, rng=rngs, **info), path)
-
-
-def restore(path, state, parts, gen=None, rank=0, rank0_if_new=False):
-    """Load `parts` from a saved state and, given `gen`, the RNG states saved by the group's rank `rank`
-    (rank0_if_new: rank 0's for a rank the saved run did not have); returns the saved step."""
-    try:
-        for name, p in parts.items():
-            p.load_state_dict(state[name])
-            # Optimizer.load_state_dict leaves the moments' shapes unchecked (a fused step would fail).
-            if isinstance(p, torch.optim.Optimizer) and any(torch.is_tensor(v) and v.ndim and v.shape != q.shape
-                                                            for q, s in p.state.items() for v in s.values()):
-                raise ValueError('optimizer state of other shapes than the parameters')
-        if gen is None:
-            return 0
-        rng = state['rng'][0 if rank0_if_new and rank >= len(state['rng']) else rank]
-        torch.set_rng_state(rng['torch'])
-        gen.set_state(rng['data'])
-        if torch.cuda.is_available() and rng['cuda'].numel():
-            torch.cuda.set_rng_state(rng['cuda'])
-        return int(state['step'])
-    except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as e:    # a state of another run
-        raise ValueError(f'{path} does not fit this run ({reason(e)})') from None
+    print(f'{stage}{"" if k == "-" else f" (student {k})"}: {rec["steps_per_s"]} steps/s, '
+          f'{rec["images_per_s"]} images/s')
 
 
 # ---- The optimiser step, shared by every stage.
@@ -276,10 +235,9 @@ def make_optimizer(params, lr, cfg, adam=False, steps_per_update=1):
 
 
 def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=''):
-    """Average gradients over the group, clip, step; returns (grad norm, {loss name: value}) as floats. A
-    non-finite loss or gradient stops the run with a message naming where (the last checkpoint stays the last
-    good state) or, with --skip_nonfinite 1, skips the update: decided by all ranks of the group together.
-    Losses, norm and verdict reach the host in one transfer, the update's only host-device synchronisation."""
+    """Average gradients over the group, clip, step; returns (grad norm, {loss: value}) as floats, in the update's
+    one host-device sync. A non-finite loss or gradient (any rank of the group) stops the run, naming `where`
+    (the last checkpoint stays the last good state), or with --skip_nonfinite 1 skips the update."""
     average_gradients(params, group, n)
     losses = losses or {}
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -291,8 +249,8 @@ def step_optimizer(opt, sched, params, cfg, group=None, n=1, losses=None, where=
     losses = dict(zip(losses, vals))
     if bad:
         opt.zero_grad(set_to_none=True)
-        msg = f'{where}: non-finite ' + ', '.join(f'loss {k} = {v:.4g}' for k, v in losses.items())
-        msg += f', grad norm {gn:.4g}'
+        msg = f'{where}: non-finite ' + ', '.join([f'loss {k} = {v:.4g}' for k, v in losses.items()]
+                                                  + [f'grad norm {gn:.4g}'])
         if not cfg.skip_nonfinite:
             raise FloatingPointError(msg + ' (last good checkpoint kept; --skip_nonfinite 1 skips such steps)')
         print(f'skipped update: {msg}', file=sys.stderr, flush=True)
@@ -320,16 +278,14 @@ def train_teacher(cfg, d: Dist, data: ImageData):
     o, sched = make_optimizer(params, cfg.teacher_lr, cfg, adam=True)
     parts = dict(net=net, ema=ema, opt=o, sched=sched)          # data parallel over all ranks: group None
     state_path, step = os.path.join(cfg.out, 'ckpt', 'teacher.pt'), 0
-    if (state := load_state(state_path)) is not None:
+    if (state := load_state(state_path)) is not None:                       # the bar shows the step it resumes at
         step = restore(state_path, state, parts, gen, d.rank, rank0_if_new=True)
-        d.main and print(f'resuming teacher at step {step}', flush=True)
     if d.main:
         print(f'teacher: {count_params(net) / 1e6:.2f}M parameters, {cfg.teacher_steps} steps, '
               f'batch {cfg.teacher_batch} x {d.world} ranks', flush=True)
         if cfg.ema ** cfg.teacher_steps > 0.01:      # the EMA starts at the random init and forgets it as ema^steps
-            print(f'warning: after {cfg.teacher_steps} steps the EMA teacher still holds '
-                  f'{100 * cfg.ema ** cfg.teacher_steps:.0f}% of the random initial weights (--ema {cfg.ema}); '
-                  'lower --ema or train longer', file=sys.stderr, flush=True)
+            print(f'warning: the EMA teacher keeps {100 * cfg.ema ** cfg.teacher_steps:.0f}% of its random init after '
+                  f'{cfg.teacher_steps} steps (--ema {cfg.ema}): lower --ema or train longer', file=sys.stderr)
     bar, t0, step0 = S.progress(cfg.teacher_steps, 'teacher', step, d.main), time.time(), step
     while step < cfg.teacher_steps:
         x, y = data.get(torch.randint(len(data), (cfg.teacher_batch,), generator=gen))
@@ -361,9 +317,8 @@ def train_teacher(cfg, d: Dist, data: ImageData):
 # ---- Student stages: one `StudentRun` holds what one student needs; each update returns a small dict of floats.
 
 class StudentRun:
-    """Noise, labels and sigmas are drawn on the device (global RNG, saved with each checkpoint; a run resumed on
-    another kind of device draws other numbers); `gen` (host) draws which real images. The teacher is D_real:
-    frozen and in eval mode (no dropout), whatever mode it came in."""
+    """Noise, labels and sigmas come from the device's global RNG (saved in each checkpoint), which real images from
+    `gen` (host). The teacher is D_real: frozen and in eval mode (no dropout)."""
 
     def __init__(self, cfg, d, k, classes, data, teacher, group, n_ranks):
         self.cfg, self.d, self.k, self.classes = cfg, d, k, torch.tensor(classes, device=d.device)
@@ -499,9 +454,8 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
 
 
 def start_stage(run, stage, parts):
-    """Seed the stage from (seed, student, stage, rank) alone, so that a resumed run draws the numbers an
-    uninterrupted one would; then resume it from ckpt/ (`parts`, RNG states), or start it from the weights of
-    the latest earlier stage that ran (adm from dm, dm from tsm) with fresh optimisers. Returns the step."""
+    """Seed from (seed, student, stage, rank) alone, then resume from ckpt/ (`parts`, RNG states: the numbers an
+    uninterrupted run draws), or start from the latest earlier stage's weights, fresh optimisers. Returns the step."""
     seed = run.cfg.seed * 10 ** 6 + run.k * 10 ** 4 + STAGES.index(stage) * 100 + run.d.rank
     torch.manual_seed(seed)
     run.gen.manual_seed(seed)
@@ -516,8 +470,7 @@ def start_stage(run, stage, parts):
 
 
 def train_stage(run, G, fake, stage, groups, pairs=None):
-    """One stage of one student: TSM steps, or DM / ADM iterations (TTUR). Losses to metrics.jsonl, state to
-    ckpt/, snapshots and grids every ckpt_every / snapshot_every / grid_every steps, and a grid at the end."""
+    """One stage of one student: TSM steps or DM / ADM iterations (TTUR); logs, ckpt/, snapshots/ and grids/."""
     cfg, d, k, leader = run.cfg, run.d, run.k, run.d.rank % run.n == 0
     steps, tsm, adm = getattr(cfg, f'{stage}_steps'), stage == 'tsm', stage == 'adm'
     lr = (cfg.adm_lr or cfg.lr) if adm else cfg.lr
@@ -570,7 +523,7 @@ def main(cfg: Config):
     if not 1 <= cfg.students <= data.num_classes:
         raise ValueError(f'--students must be between 1 and the number of classes ({data.num_classes}), '
                          f'got {cfg.students}')
-    teacher = load_checked_teacher(cfg.teacher, data) if cfg.teacher else None    # a bad --teacher: fail before writing
+    teacher = load_teacher(cfg.teacher, data=data) if cfg.teacher else None    # a bad --teacher: fail before writing
     d = init_dist(cfg)
     mine, n_ranks, pgs = student_plan(d, cfg.students)
     start_run_folder(cfg, d, data, stages)
@@ -581,13 +534,13 @@ def main(cfg: Config):
             train_teacher(cfg, d, data)
         if not os.path.exists(teacher_path):
             raise FileNotFoundError(f'no teacher at {teacher_path}: give --teacher or include the teacher stage')
-        teacher = load_checked_teacher(teacher_path, data)
+        teacher = load_teacher(teacher_path, data=data)
     teacher = teacher.to(d.device)
     if cfg.compile:
         teacher.compile()
     stages = [s for s in stages if s != 'teacher']
     if stages:
-        groups = class_partition(cfg, data, teacher)
+        groups = P.class_groups(cfg.partition, data.num_classes, cfg.students, cfg.seed, teacher, cfg.partition_file)
         d.main and print(f'partition ({cfg.partition}): {groups}', flush=True)
         train_students(cfg, d, [k for k in mine if k in only], n_ranks, pgs, groups, data, teacher, stages)
         msd = assemble_msd(cfg, d, groups, data, teacher_path, stages)
@@ -618,15 +571,6 @@ def check_config(cfg):
     return [s for s in STAGES if s in stages], only
 
 
-def load_checked_teacher(path, data):
-    """The teacher checkpoint at `path`, refused unless it is for the data's classes, channels and resolution."""
-    teacher, c = load_teacher(path), data.shape
-    if (teacher.label_dim, teacher.cfg.img_channels, teacher.cfg.img_resolution) != (data.num_classes, c[0], c[-1]):
-        raise ValueError(f'teacher {path} is for {teacher.label_dim} classes at {teacher.cfg.img_channels}x'
-                         f'{teacher.cfg.img_resolution}, the data has {data.num_classes} classes at {data.shape}')
-    return teacher
-
-
 # Settings that give saved state its meaning: a run folder resumes only with the same ones.
 RUN_IDENTITY = ('data', 'teacher', 'students', 'partition', 'partition_file', 'seed', 'student_width',
                 'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head', 'sigma_max')
@@ -651,14 +595,6 @@ def start_run_folder(cfg, d, data, stages):
             json.dump(asdict(cfg), f, indent=1)
         print(f'data: {len(data)} images {data.shape}, {data.num_classes} classes | {d.world} rank(s) on {d.device} | '
               f'stages {",".join(stages)} | run folder {cfg.out}', flush=True)
-
-
-def class_partition(cfg, data, teacher):
-    """The K groups of classes (MSD sec. 3.1): --partition_file, or --partition (kmeans: teacher's class embeddings)."""
-    if not cfg.partition_file:
-        emb = teacher.model.map_label.weight.t().detach().cpu() if cfg.partition == 'kmeans' else None
-        return P.make_partition(cfg.partition, data.num_classes, cfg.students, cfg.seed, emb)
-    return P.read_partition(cfg.partition_file, data.num_classes, cfg.students)
 
 
 def train_students(cfg, d, mine, n_ranks, pgs, groups, data, teacher, stages):
@@ -700,8 +636,7 @@ def final_eval(cfg, d, teacher, msd, data):
     heun = lambda z, y: S.heun(teacher, z, y, cfg.heun_steps)
     models = [('teacher', heun, nfe, f'teacher (Heun, {nfe} NFE)')] if cfg.fid_teacher else []
     for name, fn, n, label in models + [('msd', msd, 1, f'MSD, {cfg.students} students (1 NFE)')]:
-        print(f'FID of {name}: {cfg.fid_samples} samples ({n} NFE each), then Inception features '
-              '(~0.25 s per image on a 2-core CPU)', flush=True)
+        print(f'FID of {label}: {cfg.fid_samples} samples, then their Inception features', flush=True)
         t0 = time.time()
         fid = S.fid(fn, data, cfg.fid_samples, cfg.fid_ref, d.device)
         log_metrics(cfg, dict(stage='eval', model=name, fid=fid, samples=cfg.fid_samples, ref=cfg.fid_ref, nfe=n,
@@ -712,12 +647,8 @@ def final_eval(cfg, d, teacher, msd, data):
 
 def cli(argv=None):
     try:
-        main(parse_args(argv))
-    except (ValueError, OSError, FloatingPointError) as e:        # OSError: missing files, full disk, ...
-        if os.environ.get('MSD_DEBUG'):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+        with one_line_errors((ValueError, OSError, FloatingPointError)):     # OSError: missing files, full disk, ...
+            main(parse_args(argv))
     except KeyboardInterrupt:
         print('\ninterrupted: rerun the same command to resume from the last checkpoint', file=sys.stderr)
         sys.exit(130)
