@@ -74,9 +74,9 @@ class GridConfig:
 
 
 PRESETS = {
-    'cpu': GridConfig(jobs=2, dm_steps=150, adm_steps=100, tsm_steps=600, snapshot_every=50, fid_samples=2000, fid_ref=5000,
+    'cpu': GridConfig(jobs=2, dm_steps=150, adm_steps=100, tsm_steps=3000, snapshot_every=50, fid_samples=2000, fid_ref=5000,
                       plot_samples=1000, speed_batch=64),
-    'gpu': GridConfig(device='cuda', jobs=15, batch=64, tsm_steps=600, dm_steps=600, adm_steps=400,
+    'gpu': GridConfig(device='cuda', jobs=15, batch=64, tsm_steps=3000, dm_steps=600, adm_steps=400,
                       fid_samples=10000, fid_ref=60000, plot_samples=2000, speed_batch=1024, snapshot_every=50),
 }
 
