@@ -28,7 +28,7 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
 
 # The main job through torchrun: on a CPU one rank per core (at most 4, one per student), each with the
-# cores' share of threads (two 1-thread ranks train 1.3-1.4x faster than one 2-thread process, BENCHMARKS.md);
+# cores' share of threads (two 1-thread ranks train 1.2x faster than one 2-thread process, BENCHMARKS.md);
 # with a GPU, one rank.
 RANKS ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo 1; else n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n; fi)
 run: setup
