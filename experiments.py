@@ -438,7 +438,7 @@ def verdicts(rows):
     if 'k4-half' in rows and 'k4' in rows:
         h, s = rows['k4-half'], rows['k4']
         out.append(f'(d) half-width students: {h["params"] / 1e6:.2f}M vs {s["params"] / 1e6:.2f}M parameters, '
-                   f'{h["images_per_s"] / s["images_per_s"]:.2f}x the images/s, FID {h["fid"]:.2f} vs {s["fid"]:.2f}')
+                   f'FID {h["fid"]:.2f} vs {s["fid"]:.2f} (speed: BENCHMARKS.md)')
     out.append(f'(e) contiguous vs random partition (K = 4): {f("k4"):.2f} vs {f("k4-random"):.2f}: '
                + ('holds' if f('k4') < f('k4-random') else 'does not hold'))
     return out
