@@ -1516,7 +1516,7 @@ def test_report_tables_verdicts_and_plot(tmp_path):
     text = (tmp_path / 'RESULTS.md').read_text()
     assert text.count('\n| K = ') == 7 and '| EDM teacher, Heun 35 NFE | 10.00 |' in text and text.rstrip().endswith('my reading')
     assert 'best MSD row FID 20.00 vs teacher 10.00: does not hold' in text and 'holds (monotone)' in text
-    assert 'ADM lowers FID in 2 of 2' in text and '20.00 vs 22.00: holds' in text and '2.50x the images/s' in text
+    assert 'ADM lowers FID in 2 of 2' in text and '20.00 vs 22.00: holds' in text and '0.30M vs 1.00M parameters, FID 24.00 vs 20.00' in text
     assert Image.open(tmp_path / 'fig' / 'fid_vs_iterations.png').size == (640, 400) and '](fig/fid_vs_iterations.png)' in text
     runs = {r[0]: r for r in E.RUNS}                                      # DM-only runs: every update in DM
     steps = lambda cmd: (cmd[cmd.index('--dm_steps') + 1], cmd[cmd.index('--adm_steps') + 1])
