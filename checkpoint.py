@@ -447,10 +447,11 @@ def read_edm_pickle(path, key='ema'):
 
 
 def check_fits(cfg: NetConfig, data, path):
-    """Refuse a network that is not for the data's (an ImageData's) classes, channels and resolution."""
-    if (cfg.label_dim, cfg.img_channels, cfg.img_resolution) != (data.num_classes, data.shape[0], data.shape[-1]):
-        raise ValueError(f'{path} is for {cfg.label_dim} classes at {cfg.img_channels}x{cfg.img_resolution}, '
-                         f'the data has {data.num_classes} classes at {tuple(data.shape)}')
+    """Refuse a network that is not for the data's (an ImageData's) classes and image shape (C, H, W)."""
+    want = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+    if (cfg.label_dim, want) != (data.num_classes, tuple(data.shape)):
+        raise ValueError(f'{path} is for {cfg.label_dim} classes of {want} images, '
+                         f'the data has {data.num_classes} classes of {tuple(data.shape)}')
 
 
 def load_teacher(path, map_location='cpu', data=None) -> EDMPrecond:
@@ -503,7 +504,7 @@ def atomic_save(obj, path):
 # optimisers, schedulers) and every rank's RNG states, so a resumed run draws the numbers an uninterrupted one would.
 
 def load_state(path):
-    """A resumable state saved by this script (kind 'state'), or None if there is none."""
+    """A resumable state saved by train.py (kind 'state'), or None if there is none."""
     return read_checkpoint(path, 'state') if os.path.exists(path) else None
 
 

@@ -476,7 +476,7 @@ def report(cfg, results):
         b = cfg.speed_batch if r['nfe'] == 1 else min(cfg.speed_batch, 256)
         L.append(f'| {title} | {r["fid"]:.2f} | {r["samples"]} | {r["nfe"]} | {r["params"] / 1e6:.2f}M | {100 * r["accuracy"]:.1f}% '
                  f'| {r["latency_ms"]:.1f} ms | {r["images_per_s"]:.0f} ({b}) | {tr} |')
-    L += ['', f'Training time: the summed wall time of the run\'s students (speed columns: measured while other jobs shared the CPU; BENCHMARKS.md has controlled numbers). '
+    L += ['', f'Training time: the summed wall time of the run\'s students (speed columns: one measurement per row on this machine; BENCHMARKS.md has numbers timed in rounds). '
               f'{results.get("train_jobs", 1)} student processes trained at once on this machine, sharing it.', '']
     if 'k4' in rows and 'group_fid' in rows['k4']:
         L += ['## Per student (K = 4, contiguous)', '',

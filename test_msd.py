@@ -597,6 +597,16 @@ def test_class_groups_file_or_strategy_on_the_teachers_label_embedding(tmp_path)
     assert P.class_groups('contiguous', 6, 2, path=str(tmp_path / 'p.json')) == [[5, 0, 1], [2, 3, 4]]
 
 
+def test_check_fits_refuses_other_classes_channels_or_image_size():
+    """A network is used only on data of its classes and (C, H, W): train.py's teacher, sample.py --fid."""
+    import checkpoint as T
+    from types import SimpleNamespace as NS
+    T.check_fits(TINY, NS(num_classes=6, shape=(1, 8, 8)), 'net')
+    for classes, shape in ((10, (1, 8, 8)), (6, (3, 8, 8)), (6, (1, 16, 16)), (6, (1, 8, 16)), (6, (1, 16, 8))):
+        with pytest.raises(ValueError, match=r'net is for 6 classes of \(1, 8, 8\) images'):
+            T.check_fits(TINY, NS(num_classes=classes, shape=shape), 'net')
+
+
 def test_partition_rejects_bad_input():
     for bad in ([[0, 1], [1, 2]], [[0, 1], []], [[0, 1, 2]], [[0, 1], [2, 3, 4]], [[0, 1, 2, 3, -1]]):
         with pytest.raises(ValueError):
