@@ -347,10 +347,12 @@ def evaluate(cfg, results, device):
 def curves(cfg, device):
     """FID of every snapshot of the train.py runs in --curve_runs (fid_samples one-step images against
     fid_ref training images, the same seeds for every point): how a recipe's FID falls with generator
-    updates. Cached per run folder in curve.json; prints one line per point."""
+    updates. Cached per run folder in curve.json; prints one line per point and plots the runs, one line
+    each (named by folder), in {figures}/fid_curves.png."""
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     labels, seeds = torch.arange(cfg.fid_samples) % data.num_classes, list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
+    series, dm_steps = {}, 0
     for folder in [f for f in cfg.curve_runs.split(',') if f]:
         path, found = os.path.join(folder, 'curve.json'), {}
         done = json.load(open(path)) if os.path.exists(path) else {}
@@ -372,6 +374,9 @@ def curves(cfg, device):
             if key in done:
                 print(f'{folder} {key}: {done[key]["updates"]} generator updates, FID {done[key]["fid"]:.2f} '
                       f'({cfg.fid_samples} samples vs {len(ref)})', flush=True)
+                series.setdefault(os.path.basename(os.path.normpath(folder)), []).append((done[key]['updates'], done[key]['fid']))
+    if plot(series, path := os.path.join(cfg.figures, 'fid_curves.png'), dm_steps, cfg.fid_samples):
+        print(f'wrote {path}', flush=True)
 
 
 def save_results(cfg, results):
@@ -384,14 +389,14 @@ def save_results(cfg, results):
 # ----------------------------------------------------------------------------------------------
 # Report.
 
-def plot(curve, path, dm_steps, samples):
-    """FID against generator iterations, K = 1 vs K = 4, as a small PNG (PIL only). Every label has its
-    own place: title above the plot, the stage boundary's label above the plot area, legend in the
-    right margin, tick labels outside the axes."""
+def plot(series, path, dm_steps, samples):
+    """FID against generator iterations, one line per series ({name: [(iterations, FID), ...]}), as a small
+    PNG (PIL only). Every label has its own place: title above the plot, the stage boundary's label above
+    the plot area, legend in the right margin, tick labels outside the axes."""
     W, H, left, right, top, bottom = 640, 400, 60, 110, 60, 50
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
-    pts = {run: sorted((int(k.split(':')[1]), v) for k, v in curve.items() if k.startswith(run + ':')) for run in ('k1', 'k4')}
+    pts = {name: sorted(p) for name, p in series.items()}
     xs = [x for p in pts.values() for x, _ in p]
     ys = [y for p in pts.values() for _, y in p]
     if not xs:
@@ -406,13 +411,15 @@ def plot(curve, path, dm_steps, samples):
         d.text((X(x1 * i / 5), H - bottom + 6), f'{x1 * i / 5:.0f}', fill='black', anchor='mt')
     d.line([(X(dm_steps), top), (X(dm_steps), H - bottom)], (180, 180, 180))
     d.text((X(dm_steps), top - 4), 'DM | ADM', fill='gray', anchor='mb')
-    for i, (run, color) in enumerate((('k1', (200, 40, 40)), ('k4', (40, 80, 200)))):
-        if len(pts[run]) > 1:
-            d.line([(X(x), Y(y)) for x, y in pts[run]], color, width=2)
-        for x, y in pts[run]:
+    colors = [(200, 40, 40), (40, 80, 200), (40, 150, 60), (150, 60, 170), (220, 130, 20)]
+    for i, (name, p) in enumerate(pts.items()):
+        color = colors[i % len(colors)]
+        if len(p) > 1:
+            d.line([(X(x), Y(y)) for x, y in p], color, width=2)
+        for x, y in p:
             d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], color)
         d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], color, width=2)   # legend
-        d.text((W - right + 46, top + 20 * i), f'K = {run[1:]}', fill=color, anchor='lm')
+        d.text((W - right + 46, top + 20 * i), name[:10], fill=color, anchor='lm')
     d.text((W // 2, 12), f'FID ({samples} samples) against generator iterations', fill='black', anchor='mt')
     d.text((left, top - 22), 'FID', fill='black', anchor='mb')
     d.text(((left + W - right) // 2, H - 8), 'generator iterations', fill='black', anchor='mb')
@@ -450,8 +457,10 @@ def report(cfg, results):
         raise ValueError(f'nothing to report: {cfg.out}/results.json has no evaluated rows (run --parts eval)')
     import shutil
     os.makedirs(cfg.figures, exist_ok=True)
-    plotted = plot(results.get('curve', {}), os.path.join(cfg.figures, 'fid_vs_iterations.png'),
-                   results.get('dm_steps', 0), cfg.plot_samples)
+    curve = results.get('curve', {})
+    series = {f'K = {run[1:]}': [(int(k.split(':')[1]), v) for k, v in curve.items() if k.startswith(run + ':')]
+              for run in ('k1', 'k4')}
+    plotted = plot(series, os.path.join(cfg.figures, 'fid_vs_iterations.png'), results.get('dm_steps', 0), cfg.plot_samples)
     for k in rows:
         if os.path.exists(os.path.join(cfg.out, 'grids', f'{k}.png')):
             shutil.copy(os.path.join(cfg.out, 'grids', f'{k}.png'), os.path.join(cfg.figures, f'grid-{k}.png'))

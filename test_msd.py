@@ -1534,6 +1534,44 @@ def test_report_tables_verdicts_and_plot(tmp_path):
     assert steps(E.train_command(cfg, runs['k4'], 't.pt', 20, 10)) == ('20', '10')
 
 
+def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
+    """experiments.py --parts curves: one point per (stage, step) at which every student left a snapshot, at
+    dm_steps + step updates for ADM; its FID is that of the snapshots' MSD generator (seeds 10^7.., balanced
+    labels) against the reference; points in curve.json are not recomputed; one plot line per run folder."""
+    import experiments as E
+    from dataclasses import asdict
+    from student import Student
+    monkeypatch.setattr(S, 'CACHE', str(tmp_path / 'cache'))
+    data = D.ImageData(torch.arange(6).repeat(5), 6, (1, 8, 8), images=torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8),
+                       path=str(tmp_path / 'data'))
+    net = FakeInception()
+    monkeypatch.setattr(E, 'load_data', lambda path: data)
+    monkeypatch.setattr(S, 'inception', lambda device: net)
+    run, groups = tmp_path / 'k2', [[0, 2, 4], [1, 3, 5]]
+    os.makedirs(run / 'snapshots')
+    (run / 'config.json').write_text(json.dumps(dict(dm_steps=10)))
+    torch.manual_seed(0)
+    students = {}
+    for stage, step, ks in (('dm', 5, (0, 1)), ('adm', 5, (0, 1)), ('adm', 10, (0,))):      # adm:10: student 1 missing
+        for k in ks:
+            G = students[stage, step, k] = Student(FLAT, 80.0)
+            randomize(G.net)
+            torch.save(dict(kind='student', student=k, classes=groups[k], partition=groups, net=asdict(FLAT),
+                            state_dict=G.state_dict(), config=dict(sigma_max=80.0)),
+                       run / 'snapshots' / f'{stage}-student{k}-step{step}.pt')
+    cfg = E.GridConfig(out=str(tmp_path), figures=str(tmp_path / 'fig'), curve_runs=str(run), fid_samples=12, fid_ref=20)
+    E.curves(cfg, torch.device('cpu'))
+    done = json.loads((run / 'curve.json').read_text())
+    assert sorted(done) == ['adm:5', 'dm:5'] and done['adm:5']['updates'] == 15 and done['dm:5']['updates'] == 5
+    ref, _ = S.reference(data, 20, net)
+    gen = MSD([students['adm', 5, 0], students['adm', 5, 1]], groups, 6).eval()
+    images = S.generate(gen, list(range(10 ** 7, 10 ** 7 + 12)), torch.arange(12) % 6, (1, 8, 8))
+    assert done['adm:5']['fid'] == pytest.approx(S.frechet(S.features(images, net), ref), rel=1e-6)
+    seen = net.seen
+    E.curves(cfg, torch.device('cpu'))                                    # both points cached: no image generated
+    assert net.seen == seen and Image.open(tmp_path / 'fig' / 'fid_curves.png').size == (640, 400)
+
+
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
 def test_only_students_in_separate_processes_then_msd(tmp_path):
     """Students trained by separate --only_students runs (the experiment grid on one GPU) give msd.pt once all exist."""
