@@ -348,11 +348,25 @@ def curves(cfg, device):
     """FID of every snapshot of the train.py runs in --curve_runs (fid_samples one-step images against
     fid_ref training images, the same seeds for every point): how a recipe's FID falls with generator
     updates. Cached per run folder in curve.json; prints one line per point and plots the runs, one line
-    each (named by folder), in {figures}/fid_curves.png."""
+    each (named by folder), with the teacher's FID on the same seeds (--teacher, cached in --out), in
+    {figures}/fid_curves.png."""
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     labels, seeds = torch.arange(cfg.fid_samples) % data.num_classes, list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
     series, dm_steps = {}, 0
+    reference = None
+    if os.path.exists(cfg.teacher):                 # the teacher on the same seeds and counts (Heun), cached in --out
+        path = os.path.join(cfg.out, 'teacher_fid.json')
+        cached = json.load(open(path)) if os.path.exists(path) else {}
+        key = f'{os.path.abspath(cfg.teacher)} {cfg.heun_steps} steps, {cfg.fid_samples} vs {len(ref)}'
+        if key not in cached:
+            teacher = load_teacher(cfg.teacher, data=data).to(device)
+            images = S.generate(lambda z, y: S.heun(teacher, z, y, cfg.heun_steps), seeds, labels, tuple(data.shape), device)
+            cached[key] = S.frechet(S.features(images, inception, 'inception, teacher'), ref)
+            with open(path, 'w') as f:
+                json.dump(cached, f, indent=1)
+        reference = ('teacher', cached[key])
+        print(f'teacher (Heun, {2 * cfg.heun_steps - 1} NFE): FID {cached[key]:.2f} ({cfg.fid_samples} samples vs {len(ref)})', flush=True)
     for folder in [f for f in cfg.curve_runs.split(',') if f]:
         path, found = os.path.join(folder, 'curve.json'), {}
         done = json.load(open(path)) if os.path.exists(path) else {}
@@ -375,7 +389,7 @@ def curves(cfg, device):
                 print(f'{folder} {key}: {done[key]["updates"]} generator updates, FID {done[key]["fid"]:.2f} '
                       f'({cfg.fid_samples} samples vs {len(ref)})', flush=True)
                 series.setdefault(os.path.basename(os.path.normpath(folder)), []).append((done[key]['updates'], done[key]['fid']))
-    if plot(series, path := os.path.join(cfg.figures, 'fid_curves.png'), dm_steps, cfg.fid_samples):
+    if plot(series, path := os.path.join(cfg.figures, 'fid_curves.png'), dm_steps, cfg.fid_samples, reference):
         print(f'wrote {path}', flush=True)
 
 
@@ -389,16 +403,17 @@ def save_results(cfg, results):
 # ----------------------------------------------------------------------------------------------
 # Report.
 
-def plot(series, path, dm_steps, samples):
+def plot(series, path, dm_steps, samples, reference=None):
     """FID against generator iterations, one line per series ({name: [(iterations, FID), ...]}), as a small
-    PNG (PIL only). Every label has its own place: title above the plot, the stage boundary's label above
-    the plot area, legend in the right margin, tick labels outside the axes."""
+    PNG (PIL only); `reference` (name, FID): a horizontal line, e.g. the teacher's. Every label has its own
+    place: title above the plot, the stage boundary's label above the plot area, legend in the right margin,
+    tick labels outside the axes."""
     W, H, left, right, top, bottom = 640, 400, 60, 110, 60, 50
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
     pts = {name: sorted(p) for name, p in series.items()}
     xs = [x for p in pts.values() for x, _ in p]
-    ys = [y for p in pts.values() for _, y in p]
+    ys = [y for p in pts.values() for _, y in p] + ([reference[1]] if reference else [])
     if not xs:
         return False
     x1, y1 = max(max(xs), dm_steps), max(ys) * 1.05
@@ -420,6 +435,12 @@ def plot(series, path, dm_steps, samples):
             d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], color)
         d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], color, width=2)   # legend
         d.text((W - right + 46, top + 20 * i), name[:10], fill=color, anchor='lm')
+    if reference:
+        i, (name, y) = len(pts), reference
+        for x in range(left, W - right, 8):                                   # dashed
+            d.line([(x, Y(y)), (min(x + 4, W - right), Y(y))], (90, 90, 90))
+        d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], (90, 90, 90))
+        d.text((W - right + 46, top + 20 * i), name[:10], fill=(90, 90, 90), anchor='lm')
     d.text((W // 2, 12), f'FID ({samples} samples) against generator iterations', fill='black', anchor='mt')
     d.text((left, top - 22), 'FID', fill='black', anchor='mb')
     d.text(((left + W - right) // 2, H - 8), 'generator iterations', fill='black', anchor='mb')

@@ -1537,7 +1537,8 @@ def test_report_tables_verdicts_and_plot(tmp_path):
 def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     """experiments.py --parts curves: one point per (stage, step) at which every student left a snapshot, at
     dm_steps + step updates for ADM; its FID is that of the snapshots' MSD generator (seeds 10^7.., balanced
-    labels) against the reference; points in curve.json are not recomputed; one plot line per run folder."""
+    labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's reference line;
+    points in curve.json and the teacher's FID are not recomputed; one plot line per run folder."""
     import experiments as E
     from dataclasses import asdict
     from student import Student
@@ -1559,14 +1560,20 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
             torch.save(dict(kind='student', student=k, classes=groups[k], partition=groups, net=asdict(FLAT),
                             state_dict=G.state_dict(), config=dict(sigma_max=80.0)),
                        run / 'snapshots' / f'{stage}-student{k}-step{step}.pt')
-    cfg = E.GridConfig(out=str(tmp_path), figures=str(tmp_path / 'fig'), curve_runs=str(run), fid_samples=12, fid_ref=20)
+    teacher = randomize(build_net(FLAT)).eval()
+    torch.save(teacher_checkpoint(teacher), tmp_path / 'teacher.pt')
+    cfg = E.GridConfig(out=str(tmp_path), figures=str(tmp_path / 'fig'), curve_runs=str(run), fid_samples=12, fid_ref=20,
+                       teacher=str(tmp_path / 'teacher.pt'), heun_steps=2)
     E.curves(cfg, torch.device('cpu'))
     done = json.loads((run / 'curve.json').read_text())
     assert sorted(done) == ['adm:5', 'dm:5'] and done['adm:5']['updates'] == 15 and done['dm:5']['updates'] == 5
     ref, _ = S.reference(data, 20, net)
+    seeds, labels = list(range(10 ** 7, 10 ** 7 + 12)), torch.arange(12) % 6
     gen = MSD([students['adm', 5, 0], students['adm', 5, 1]], groups, 6).eval()
-    images = S.generate(gen, list(range(10 ** 7, 10 ** 7 + 12)), torch.arange(12) % 6, (1, 8, 8))
-    assert done['adm:5']['fid'] == pytest.approx(S.frechet(S.features(images, net), ref), rel=1e-6)
+    assert done['adm:5']['fid'] == pytest.approx(S.frechet(S.features(S.generate(gen, seeds, labels, (1, 8, 8)), net), ref), rel=1e-6)
+    heun = lambda z, y: S.heun(teacher, z, y, 2)                        # the teacher's line: same seeds, Heun
+    (value,) = json.loads((tmp_path / 'teacher_fid.json').read_text()).values()
+    assert value == pytest.approx(S.frechet(S.features(S.generate(heun, seeds, labels, (1, 8, 8)), net), ref), rel=1e-6)
     seen = net.seen
     E.curves(cfg, torch.device('cpu'))                                    # both points cached: no image generated
     assert net.seen == seen and Image.open(tmp_path / 'fig' / 'fid_curves.png').size == (640, 400)
