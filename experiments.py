@@ -320,7 +320,7 @@ def evaluate(cfg, results, device):
                 if os.path.exists(os.path.join(cfg.out, 'k4', 'msd.pt')) else None
             if gs:
                 row['groups'] = gs
-                row['group_fid'] = [S.frechet(feats[torch.isin(labels, torch.tensor(g))], ref[torch.isin(ref_labels, torch.tensor(g))]) for g in gs]
+                row['group_fid'] = S.group_fids(feats, labels, ref, ref_labels, gs)
         if key in ('teacher', 'k1', 'k4', 'k4-half', 'k4-random'):
             S.save_grid(S.class_grid(gen, data.num_classes, 10, teacher.cfg, device=device), os.path.join(cfg.out, 'grids', f'{key}.png'))
         rows[key] = row

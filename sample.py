@@ -14,7 +14,7 @@ and experiments.py use this one FID path (inception, features, reference, freche
 
     python sample.py --ckpt runs/fashion/msd.pt --grid grid.png               # class-by-sample grid
     python sample.py --ckpt runs/fashion/msd.pt --seeds 0-15 --classes 3 --outdir imgs
-    python sample.py --ckpt runs/fashion/msd.pt --fid 1000                    # MSD, 1 NFE
+    python sample.py --ckpt runs/fashion/msd.pt --fid 1000                    # MSD, 1 NFE (and per student)
     python sample.py --ckpt runs/fashion/teacher.pt --fid 1000                # teacher, Heun 35 NFE
 
 Speed (images/s against the teacher, routing overhead): bench.py.
@@ -29,7 +29,7 @@ import time
 import torch
 
 from data import FASHION_DIR, ImageData, load_data
-from msd import load_msd
+from msd import MSD, load_msd
 from checkpoint import check_fits, is_pickle_file, load_teacher, one_line_errors, read_checkpoint
 from teacher import heun_sampler, seeded_noise, to_uint8
 
@@ -130,7 +130,7 @@ def load_generator(path, device='cpu', heun_steps=18):
     kind = 'teacher' if is_pickle_file(path) else read_checkpoint(path, ('msd', 'teacher'))['kind']   # .pkl: NVIDIA EDM
     if kind == 'msd':
         msd = load_msd(path).to(device)
-        return msd, msd.students[0].net.cfg, f'MSD, {len(msd.students)} students', 1
+        return msd, msd.students[0].net.cfg, f'MSD, {len(msd.students)} student{"s" * (len(msd.students) > 1)}', 1
     net = load_teacher(path).to(device)
     return (lambda z, y: heun(net, z, y, heun_steps)), net.cfg, 'teacher (Heun)', 2 * heun_steps - 1
 
@@ -241,13 +241,21 @@ def frechet(f1, f2):
     return fid_statistics_to_metric(s1, s2, False)['frechet_inception_distance']
 
 
-def fid(gen, data: ImageData, n, n_ref, device='cpu', seed0=10 ** 7, extractor=None):
+def fid(gen, data: ImageData, n, n_ref, device='cpu', seed0=10 ** 7, extractor=None, groups=()):
     """FID of n generated images (seeds seed0.., labels cycling over the classes) against n_ref
-    training images of `data`."""
+    training images of `data`; with `groups` (lists of classes, e.g. MSD's partition) also the FID of
+    each group: its classes' samples against its classes' reference images. Returns (FID, [FID per group])."""
     extractor = inception(device) if extractor is None else extractor
-    ref, _ = reference(data, n_ref, extractor)
-    images = generate(gen, list(range(seed0, seed0 + n)), torch.arange(n) % data.num_classes, data.shape, device)
-    return frechet(features(images, extractor, f'inception ({n} generated images)'), ref)
+    ref, ref_labels = reference(data, n_ref, extractor)
+    labels = torch.arange(n) % data.num_classes
+    feats = features(generate(gen, list(range(seed0, seed0 + n)), labels, data.shape, device), extractor,
+                     f'inception ({n} generated images)')
+    return frechet(feats, ref), group_fids(feats, labels, ref, ref_labels, groups)
+
+
+def group_fids(feats, labels, ref, ref_labels, groups):
+    """[FID of the samples of group g's classes against the reference images of those classes, for g in groups]."""
+    return [frechet(feats[torch.isin(labels, torch.tensor(g))], ref[torch.isin(ref_labels, torch.tensor(g))]) for g in groups]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,9 +309,12 @@ def main(argv=None):
         data = load_data(args.data)
         check_fits(cfg, data, args.ckpt)
         t0 = time.time()
-        value = fid(gen, data, args.fid, args.fid_ref, device)
+        groups = gen.groups if isinstance(gen, MSD) and len(gen.groups) > 1 else ()
+        value, per_group = fid(gen, data, args.fid, args.fid_ref, device, groups=groups)
         print(f'FID {value:.2f}  ({desc}, {nfe} NFE, {args.fid} samples vs {min(args.fid_ref, len(data))} training images, '
               f'{time.time() - t0:.0f} s)')
+        for k, (g, v) in enumerate(zip(groups, per_group)):
+            print(f'  student {k}, classes {g}: FID {v:.2f} (its samples against the training images of its classes)')
 
 
 def cli(argv=None):

@@ -1505,10 +1505,13 @@ def test_fid_reference_is_cached_per_dataset_and_count(tmp_path, monkeypatch):
     assert S.reference(a, 1000, net)[0].shape == (30, 16)                 # n_ref beyond the data: all of it
     asked = []
     gen = lambda z, y: asked.append(y) or z.clamp(-1, 1)
-    value = S.fid(gen, a, 12, 10, seed0=5, extractor=net)
+    value, per_group = S.fid(gen, a, 12, 10, seed0=5, extractor=net, groups=[[0, 1, 2], [3, 4, 5]])
     assert torch.equal(torch.cat(asked), torch.arange(12) % 6)
-    fake = S.generate(lambda z, y: z.clamp(-1, 1), list(range(5, 17)), torch.arange(12) % 6, (1, 8, 8))
-    assert value == S.frechet(S.features(fake, net), ref)
+    fake = S.features(S.generate(lambda z, y: z.clamp(-1, 1), list(range(5, 17)), torch.arange(12) % 6, (1, 8, 8)), net)
+    assert value == S.frechet(fake, ref)
+    ref_labels = a.labels[idx]                  # per group: its classes' samples against its classes' reference images
+    for g, v in zip([[0, 1, 2], [3, 4, 5]], per_group):
+        assert v == S.frechet(fake[(torch.arange(12) % 6 < 3) == (g[0] == 0)], ref[(ref_labels < 3) == (g[0] == 0)])
 
 
 def test_report_tables_verdicts_and_plot(tmp_path):

@@ -635,10 +635,10 @@ def final_eval(cfg, d, teacher, msd, data):
     nfe, results = 2 * cfg.heun_steps - 1, []
     heun = lambda z, y: S.heun(teacher, z, y, cfg.heun_steps)
     models = [('teacher', heun, nfe, f'teacher (Heun, {nfe} NFE)')] if cfg.fid_teacher else []
-    for name, fn, n, label in models + [('msd', msd, 1, f'MSD, {cfg.students} students (1 NFE)')]:
+    for name, fn, n, label in models + [('msd', msd, 1, f'MSD, {cfg.students} student{"s" * (cfg.students > 1)} (1 NFE)')]:
         print(f'FID of {label}: {cfg.fid_samples} samples, then their Inception features', flush=True)
         t0 = time.time()
-        fid = S.fid(fn, data, cfg.fid_samples, cfg.fid_ref, d.device)
+        fid, _ = S.fid(fn, data, cfg.fid_samples, cfg.fid_ref, d.device)
         log_metrics(cfg, dict(stage='eval', model=name, fid=fid, samples=cfg.fid_samples, ref=cfg.fid_ref, nfe=n,
                               sec=round(time.time() - t0, 1)))
         results.append(f'{label} {fid:.2f}')
