@@ -545,7 +545,7 @@ def main(cfg: Config):
         train_students(cfg, d, [k for k in mine if k in only], n_ranks, pgs, groups, data, teacher, stages)
         msd = assemble_msd(cfg, d, groups, data, teacher_path, stages)
         if msd is not None:
-            print(f'wrote {os.path.join(cfg.out, "msd.pt")} ({cfg.students} students, '
+            print(f'wrote {os.path.join(cfg.out, "msd.pt")} ({cfg.students} student{"s" * (cfg.students > 1)}, '
                   f'{(time.time() - t_start) / 60:.1f} min)', flush=True)
             final_eval(cfg, d, teacher, msd, data)
     if d.world > 1:               # no barrier: the other ranks leave while rank 0 evaluates (a waiting rank spins)
