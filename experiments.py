@@ -352,7 +352,7 @@ def curves(cfg, device):
     {figures}/fid_curves.png."""
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
-    labels, seeds = torch.arange(cfg.fid_samples) % data.num_classes, list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
+    fid = lambda gen: S.fid(gen, data, cfg.fid_samples, cfg.fid_ref, device, extractor=inception)[0]   # seeds 10^7..
     series, dm_steps = {}, 0
     reference = None
     if os.path.exists(cfg.teacher):                 # the teacher on the same seeds and counts (Heun), cached in --out
@@ -361,8 +361,7 @@ def curves(cfg, device):
         key = f'{os.path.abspath(cfg.teacher)} {cfg.heun_steps} steps, {cfg.fid_samples} vs {len(ref)}'
         if key not in cached:
             teacher = load_teacher(cfg.teacher, data=data).to(device)
-            images = S.generate(lambda z, y: S.heun(teacher, z, y, cfg.heun_steps), seeds, labels, tuple(data.shape), device)
-            cached[key] = S.frechet(S.features(images, inception, 'inception, teacher'), ref)
+            cached[key] = fid(lambda z, y: S.heun(teacher, z, y, cfg.heun_steps))
             with open(path, 'w') as f:
                 json.dump(cached, f, indent=1)
         reference = ('teacher', cached[key])
@@ -380,9 +379,7 @@ def curves(cfg, device):
             if key not in done and len(recs) == len(recs[0]['partition']):    # every student saved at this step
                 students = [load_student(r, r['config']['sigma_max'], data.num_classes, f) for r, f in zip(recs, sorted(files))]
                 msd = MSD(students, recs[0]['partition'], data.num_classes).to(device).eval()
-                images = S.generate(msd, seeds, labels, tuple(data.shape), device)
-                done[key] = dict(updates=step + (dm_steps if stage == 'adm' else 0),
-                                 fid=S.frechet(S.features(images, inception, f'inception, {os.path.basename(folder)} {key}'), ref))
+                done[key] = dict(updates=step + (dm_steps if stage == 'adm' else 0), fid=fid(msd))
                 with open(path, 'w') as f:
                     json.dump(done, f, indent=1)
             if key in done:
@@ -426,6 +423,9 @@ def plot(series, path, dm_steps, samples, reference=None):
         d.text((X(x1 * i / 5), H - bottom + 6), f'{x1 * i / 5:.0f}', fill='black', anchor='mt')
     d.line([(X(dm_steps), top), (X(dm_steps), H - bottom)], (180, 180, 180))
     d.text((X(dm_steps), top - 4), 'DM | ADM', fill='gray', anchor='mb')
+    def legend(i, name, color):                                               # right margin, one row each
+        d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], color, width=2)
+        d.text((W - right + 46, top + 20 * i), name[:10], fill=color, anchor='lm')
     colors = [(200, 40, 40), (40, 80, 200), (40, 150, 60), (150, 60, 170), (220, 130, 20)]
     for i, (name, p) in enumerate(pts.items()):
         color = colors[i % len(colors)]
@@ -433,14 +433,11 @@ def plot(series, path, dm_steps, samples, reference=None):
             d.line([(X(x), Y(y)) for x, y in p], color, width=2)
         for x, y in p:
             d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], color)
-        d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], color, width=2)   # legend
-        d.text((W - right + 46, top + 20 * i), name[:10], fill=color, anchor='lm')
+        legend(i, name, color)
     if reference:
-        i, (name, y) = len(pts), reference
         for x in range(left, W - right, 8):                                   # dashed
-            d.line([(x, Y(y)), (min(x + 4, W - right), Y(y))], (90, 90, 90))
-        d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], (90, 90, 90))
-        d.text((W - right + 46, top + 20 * i), name[:10], fill=(90, 90, 90), anchor='lm')
+            d.line([(x, Y(reference[1])), (min(x + 4, W - right), Y(reference[1]))], (90, 90, 90))
+        legend(len(pts), reference[0], (90, 90, 90))
     d.text((W // 2, 12), f'FID ({samples} samples) against generator iterations', fill='black', anchor='mt')
     d.text((left, top - 22), 'FID', fill='black', anchor='mb')
     d.text(((left + W - right) // 2, H - 8), 'generator iterations', fill='black', anchor='mb')
