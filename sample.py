@@ -16,6 +16,7 @@ and experiments.py use this one FID path (inception, features, reference, freche
     python sample.py --ckpt runs/fashion/msd.pt --seeds 0-15 --classes 3 --outdir imgs
     python sample.py --ckpt runs/fashion/msd.pt --fid 1000                    # MSD, 1 NFE (and per student)
     python sample.py --ckpt runs/fashion/teacher.pt --fid 1000                # teacher, Heun 35 NFE
+    python sample.py --ckpt runs/fashion/msd.pt --accuracy 2000               # classified as the class asked for
 
 Speed (images/s against the teacher, routing overhead): bench.py.
 """
@@ -280,11 +281,15 @@ def main(argv=None):
     ap.add_argument('--fid', type=int, default=0, help='compute FID with this many samples against the training set')
     ap.add_argument('--fid_ref', type=int, default=1000, help='training images in the (cached) reference features')
     ap.add_argument('--data', default='', help=f'dataset for the FID reference (default: {FASHION_DIR})')
+    ap.add_argument('--accuracy', type=int, default=0, help='classify this many samples (the FID seeds and labels) '
+                    'with --classifier and print the share classified as the class asked for, overall and per class')
+    ap.add_argument('--classifier', default='checkpoints/fashion-classifier.pt',
+                    help='Fashion-MNIST classifier for --accuracy (experiments.py trains it when missing)')
     ap.add_argument('--heun_steps', type=int, default=18, help='teacher Heun steps N, 2N-1 NFE (default 18 -> 35)')
     ap.add_argument('--device', default='auto', help='auto, cpu or cuda')
     args = ap.parse_args(argv)
-    if not (args.grid or args.seeds or args.fid):
-        ap.error('nothing to do: give --grid, --seeds or --fid (speed: bench.py)')
+    if not (args.grid or args.seeds or args.fid or args.accuracy):
+        ap.error('nothing to do: give --grid, --seeds, --fid or --accuracy (speed: bench.py)')
     keep_freed_memory()
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
                           'cpu' if args.device == 'auto' else args.device)
@@ -315,6 +320,18 @@ def main(argv=None):
               f'{time.time() - t0:.0f} s)')
         for k, (g, v) in enumerate(zip(groups, per_group)):
             print(f'  student {k}, classes {g}: FID {v:.2f} (its samples against the training images of its classes)')
+    if args.accuracy:
+        from experiments import Classifier, accuracy       # here: experiments.py imports this module
+        if (cfg.label_dim, shape) != (10, (1, 28, 28)):
+            raise ValueError(f'--accuracy needs a 28x28 grey 10-class generator (Fashion-MNIST); {args.ckpt} makes '
+                             f'{shape[1]}x{shape[2]}x{shape[0]} images of {cfg.label_dim} classes')
+        net = Classifier()
+        net.load_state_dict(read_checkpoint(args.classifier, 'classifier')['state_dict'])
+        labels = torch.arange(args.accuracy) % cfg.label_dim          # the seeds and labels of fid()
+        images = generate(gen, list(range(10 ** 7, 10 ** 7 + args.accuracy)), labels, shape, device)
+        acc, per = accuracy(net.to(device).eval(), images, labels, device)
+        print(f'accuracy {100 * acc:.1f}% of {args.accuracy} samples ({desc}, {nfe} NFE) classified as the class asked '
+              f'for by {args.classifier}; per class: ' + ', '.join(f'{100 * p:.1f}' for p in per))
 
 
 def cli(argv=None):

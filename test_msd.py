@@ -1483,6 +1483,27 @@ class FakeInception(torch.nn.Module):
         return (x.flatten(1).float() @ self.w,)
 
 
+def test_sample_accuracy_is_the_share_classified_as_asked(tmp_path, capsys):
+    """sample.py --accuracy n: the committed classifier's argmax on the FID's seeds (10^7..) and labels
+    (cycling over the classes) equals the label asked for in the printed share, overall and per class."""
+    import experiments as E
+    from teacher import to_uint8
+    ckpt, clf_path = (os.path.join(HERE, 'checkpoints', f) for f in ('fashion-msd4.pt', 'fashion-classifier.pt'))
+    S.main(['--ckpt', ckpt, '--accuracy', '40', '--classifier', clf_path, '--device', 'cpu'])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    gen, labels = load_msd(ckpt).eval(), torch.arange(40) % 10
+    with torch.no_grad():
+        images = to_uint8(gen(seeded_noise(range(10 ** 7, 10 ** 7 + 40), (1, 28, 28)), labels))
+        clf = E.Classifier()
+        clf.load_state_dict(torch.load(clf_path, weights_only=True)['state_dict'])
+        hit = (clf.eval()(images).argmax(1) == labels).float()
+    assert line.startswith(f'accuracy {100 * hit.mean():.1f}% of 40 samples'), line
+    assert line.endswith(', '.join(f'{100 * hit[labels == c].mean():.1f}' for c in range(10))), line
+    tiny = str(tmp_path / 'tiny.pt')
+    torch.save(teacher_checkpoint(build_net(TINY)), tiny)             # 8x8 images of 6 classes: refused
+    assert 'needs a 28x28 grey 10-class generator' in cli_error(S.cli, ['--ckpt', tiny, '--accuracy', '10'], capsys)
+
+
 def test_fid_reference_is_cached_per_dataset_and_count(tmp_path, monkeypatch):
     """sample.py's one FID path: the reference features of n_ref training images (a fixed subset) are
     computed once per data path and n_ref, then read from the cache; fid() generates with seeds
