@@ -347,9 +347,9 @@ def evaluate(cfg, results, device):
 def curves(cfg, device):
     """FID of every snapshot of the train.py runs in --curve_runs (fid_samples one-step images against
     fid_ref training images, the same seeds for every point): how a recipe's FID falls with generator
-    updates. Cached per run folder in curve.json; prints one line per point and plots the runs, one line
-    each (named by folder), with the teacher's FID on the same seeds (--teacher, cached in --out), in
-    {figures}/fid_curves.png."""
+    updates. Cached per run folder and protocol in curve-{fid_samples}vs{n_ref}.json; prints one line per
+    point and plots the runs, one line each (named by folder), with the teacher's FID on the same seeds
+    (--teacher, cached in --out), in {figures}/fid_curves.png."""
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     fid = lambda gen: S.fid(gen, data, cfg.fid_samples, cfg.fid_ref, device, extractor=inception)[0]   # seeds 10^7..
@@ -367,7 +367,7 @@ def curves(cfg, device):
         reference = ('teacher', cached[key])
         print(f'teacher (Heun, {2 * cfg.heun_steps - 1} NFE): FID {cached[key]:.2f} ({cfg.fid_samples} samples vs {len(ref)})', flush=True)
     for folder in [f for f in cfg.curve_runs.split(',') if f]:
-        path, found = os.path.join(folder, 'curve.json'), {}
+        path, found = os.path.join(folder, f'curve-{cfg.fid_samples}vs{len(ref)}.json'), {}   # one cache per protocol
         done = json.load(open(path)) if os.path.exists(path) else {}
         for name in os.listdir(os.path.join(folder, 'snapshots')):          # {stage}-student{k}-step{n}.pt
             stage, k, step = name[:-3].split('-')

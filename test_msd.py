@@ -1562,8 +1562,10 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     """experiments.py --parts curves: one point per (stage, step) at which every student left a snapshot, at
     dm_steps + step updates for ADM; its FID is that of the snapshots' MSD generator (seeds 10^7.., balanced
     labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's reference line;
-    points in curve.json and the teacher's FID are not recomputed; one plot line per run folder."""
+    points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample count computes its
+    own points; one plot line per run folder."""
     import experiments as E
+    import dataclasses
     from dataclasses import asdict
     from student import Student
     monkeypatch.setattr(S, 'CACHE', str(tmp_path / 'cache'))
@@ -1589,7 +1591,7 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     cfg = E.GridConfig(out=str(tmp_path), figures=str(tmp_path / 'fig'), curve_runs=str(run), fid_samples=12, fid_ref=20,
                        teacher=str(tmp_path / 'teacher.pt'), heun_steps=2)
     E.curves(cfg, torch.device('cpu'))
-    done = json.loads((run / 'curve.json').read_text())
+    done = json.loads((run / 'curve-12vs20.json').read_text())
     assert sorted(done) == ['adm:5', 'dm:5'] and done['adm:5']['updates'] == 15 and done['dm:5']['updates'] == 5
     ref, _ = S.reference(data, 20, net)
     seeds, labels = list(range(10 ** 7, 10 ** 7 + 12)), torch.arange(12) % 6
@@ -1601,6 +1603,9 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     seen = net.seen
     E.curves(cfg, torch.device('cpu'))                                    # both points cached: no image generated
     assert net.seen == seen and Image.open(tmp_path / 'fig' / 'fid_curves.png').size == (640, 400)
+    E.curves(dataclasses.replace(cfg, fid_samples=6), torch.device('cpu'))      # another protocol: computed anew
+    again = json.loads((run / 'curve-6vs20.json').read_text())
+    assert sorted(again) == ['adm:5', 'dm:5'] and again['adm:5']['fid'] != done['adm:5']['fid']
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
