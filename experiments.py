@@ -289,8 +289,7 @@ def evaluate(cfg, results, device):
     inception = S.inception(device)
     ref, ref_labels = S.reference(data, cfg.fid_ref, inception)
     clf = classifier(cfg, data, device)
-    labels = torch.arange(cfg.fid_samples) % data.num_classes
-    seeds = list(range(10 ** 7, 10 ** 7 + cfg.fid_samples))
+    seeds, labels = S.eval_inputs(cfg.fid_samples, data.num_classes)
     rows = results.setdefault('rows', {})
     runs = {r[0]: r for r in RUNS}
     for key, run, title in ROWS:
@@ -338,9 +337,7 @@ def evaluate(cfg, results, device):
                 if key in curve or not os.path.exists(os.path.join(cfg.out, run, 'snapshots', f'{stage}-student0-step{s}.pt')):
                     continue
                 msd = load_stage(cfg, runs[run], teacher, stage, s).to(device).eval()
-                n = cfg.plot_samples
-                imgs = S.generate(msd, list(range(10 ** 7, 10 ** 7 + n)), torch.arange(n) % data.num_classes, shape, device)
-                curve[key] = S.frechet(S.features(imgs, inception, f'inception, {key}'), ref)
+                curve[key] = S.fid(msd, data, cfg.plot_samples, cfg.fid_ref, device, extractor=inception)[0]
                 save_results(cfg, results)
 
 

@@ -242,14 +242,19 @@ def frechet(f1, f2):
     return fid_statistics_to_metric(s1, s2, False)['frechet_inception_distance']
 
 
+def eval_inputs(n, num_classes, seed0=10 ** 7):
+    """The evaluation samples of FID and accuracy: seeds seed0.. and labels cycling over the classes."""
+    return list(range(seed0, seed0 + n)), torch.arange(n) % num_classes
+
+
 def fid(gen, data: ImageData, n, n_ref, device='cpu', seed0=10 ** 7, extractor=None, groups=()):
     """FID of n generated images (seeds seed0.., labels cycling over the classes) against n_ref
     training images of `data`; with `groups` (lists of classes, e.g. MSD's partition) also the FID of
     each group: its classes' samples against its classes' reference images. Returns (FID, [FID per group])."""
     extractor = inception(device) if extractor is None else extractor
     ref, ref_labels = reference(data, n_ref, extractor)
-    labels = torch.arange(n) % data.num_classes
-    feats = features(generate(gen, list(range(seed0, seed0 + n)), labels, data.shape, device), extractor,
+    seeds, labels = eval_inputs(n, data.num_classes, seed0)
+    feats = features(generate(gen, seeds, labels, data.shape, device), extractor,
                      f'inception ({n} generated images)')
     return frechet(feats, ref), group_fids(feats, labels, ref, ref_labels, groups)
 
@@ -327,8 +332,8 @@ def main(argv=None):
                              f'{shape[1]}x{shape[2]}x{shape[0]} images of {cfg.label_dim} classes')
         net = Classifier()
         net.load_state_dict(read_checkpoint(args.classifier, 'classifier')['state_dict'])
-        labels = torch.arange(args.accuracy) % cfg.label_dim          # the seeds and labels of fid()
-        images = generate(gen, list(range(10 ** 7, 10 ** 7 + args.accuracy)), labels, shape, device)
+        seeds, labels = eval_inputs(args.accuracy, cfg.label_dim)          # the samples of fid()
+        images = generate(gen, seeds, labels, shape, device)
         acc, per = accuracy(net.to(device).eval(), images, labels, device)
         print(f'accuracy {100 * acc:.1f}% of {args.accuracy} samples ({desc}, {nfe} NFE) classified as the class asked '
               f'for by {args.classifier}; per class: ' + ', '.join(f'{100 * p:.1f}' for p in per))
