@@ -14,6 +14,7 @@ its own classes), and K = 1 vs K = 4 a plot of FID against generator iterations.
 
     python experiments.py                       # 2-core CPU preset: 250 updates per student, several hours
     python experiments.py --preset gpu          # larger sizes on one GPU (students train in parallel)
+    python experiments.py --preset gpu --runs k1,k4 --train_minutes 5   # K = 1 vs K = 4 only, sized to 5 minutes
     python experiments.py --parts report        # rewrite RESULTS.md from runs/grid/results.json
 
 Each part resumes: a finished student, cached reference features (sample.reference) or an evaluated
@@ -56,6 +57,8 @@ class GridConfig:
     parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report, '
                                           'curves (FID of every snapshot in --curve_runs)')
     curve_runs: str = opt('', 'comma-separated train.py run folders with snapshots/ (--snapshot_every), for --parts curves')
+    runs: str = opt('k1,k4,k4-dm,k2,k4-random,k4-half,k1-dm', 'the training runs (and their rows) to train and evaluate; '
+                                                             'the teacher\'s row is always evaluated')
     device: str = opt('auto', 'auto, cpu or cuda')
     jobs: int = opt(1, 'student trainings run at once (one process each; on a GPU they share it)')
     batch: int = opt(16, 'per-student batch (equal in every row)')
@@ -91,6 +94,14 @@ ROWS = [('teacher', None, 'EDM teacher, Heun 35 NFE'),
         ('k4-dm', 'k4-dm', 'K = 4, DM only'), ('k4', 'k4', 'K = 4, DM + ADM (main)'),
         ('k4-random', 'k4-random', 'K = 4, random partition, DM + ADM'),
         ('k4-half', 'k4-half', 'K = 4, half width, TSM + DM + ADM')]
+
+
+def selected(cfg):
+    """The RUNS named by --runs, in RUNS's order."""
+    names = [n.strip() for n in cfg.runs.split(',') if n.strip()]
+    if bad := [n for n in names if n not in {r[0] for r in RUNS}]:
+        raise ValueError(f'unknown run {bad[0]!r} in --runs: choose from {", ".join(r[0] for r in RUNS)}')
+    return [r for r in RUNS if r[0] in names]
 
 
 def parse_args(argv=None) -> GridConfig:
@@ -222,10 +233,10 @@ def probe_steps(cfg, teacher):
     """Iterations per student that fit cfg.train_minutes with all students training at once: time 6 DM
     iterations of every student together and take the slowest one's rate."""
     cmds = [train_command(cfg, r, teacher, 6, 0, k, os.path.join(cfg.out, 'probe', r[0])) + ['--stages', 'dm', '--warmup', '1']
-            for r in RUNS for k in range(r[1])]
+            for r in selected(cfg) for k in range(r[1])]
     run_all(cmds, cfg.jobs, os.path.join(cfg.out, 'probe', 'logs'))
     rates = []
-    for r in RUNS:
+    for r in selected(cfg):
         with open(os.path.join(cfg.out, 'probe', r[0], 'metrics.jsonl')) as f:
             rates += [rec['steps_per_s'] for rec in map(json.loads, f) if rec.get('throughput')]
     rate = min(rates)
@@ -242,12 +253,14 @@ def train(cfg, results):
     if cfg.train_minutes > 0 and 'dm_steps' not in results:
         dm, adm = probe_steps(cfg, teacher)
     results.update(dm_steps=dm, adm_steps=adm, batch=cfg.batch, lr=cfg.lr, tsm_steps=cfg.tsm_steps)
-    cmds = [train_command(cfg, r, teacher, dm, adm, k) for r in RUNS for k in range(r[1])
+    runs = selected(cfg)
+    cmds = [train_command(cfg, r, teacher, dm, adm, k) for r in runs for k in range(r[1])
             if not os.path.exists(os.path.join(cfg.out, r[0], f'student{k}.pt'))]
     results['train_wall_s'] = results.get('train_wall_s', 0) + run_all(cmds, cfg.jobs, os.path.join(cfg.out, 'logs'))
     results['train_jobs'] = cfg.jobs
-    run_all([train_command(cfg, r, teacher, dm, adm) for r in RUNS], cfg.jobs, os.path.join(cfg.out, 'logs-msd'))   # msd.pt
-    results['commands'] = {r[0]: ' '.join(train_command(cfg, r, cfg.teacher, dm, adm)[1:]) for r in RUNS}
+    run_all([train_command(cfg, r, teacher, dm, adm) for r in runs], cfg.jobs, os.path.join(cfg.out, 'logs-msd'))   # msd.pt
+    results['commands'] = {**results.get('commands', {}),
+                           **{r[0]: ' '.join(train_command(cfg, r, cfg.teacher, dm, adm)[1:]) for r in runs}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,9 +304,9 @@ def evaluate(cfg, results, device):
     clf = classifier(cfg, data, device)
     seeds, labels = S.eval_inputs(cfg.fid_samples, data.num_classes)
     rows = results.setdefault('rows', {})
-    runs = {r[0]: r for r in RUNS}
+    runs = {r[0]: r for r in selected(cfg)}
     for key, run, title in ROWS:
-        if key in rows:
+        if key in rows or run is not None and run not in runs:
             continue
         print(f'evaluating {title}', flush=True)
         if run is None:
@@ -327,8 +340,8 @@ def evaluate(cfg, results, device):
         save_results(cfg, results)
     curve = results.setdefault('curve', {})                              # FID against generator iterations
     for run in ('k1', 'k4'):
-        if not cfg.snapshot_every:
-            break
+        if not cfg.snapshot_every or run not in runs:
+            continue
         total = results['dm_steps'] + results['adm_steps']
         every = cfg.snapshot_every * -(-total // (8 * cfg.snapshot_every))       # at most about 8 points per curve
         for stage, offset, steps in (('dm', 0, results['dm_steps']), ('adm', results['dm_steps'], results['adm_steps'])):
@@ -444,25 +457,30 @@ def plot(series, path, dm_steps, samples, reference=None):
 
 
 def verdicts(rows):
-    """One line per claim, computed from the table (the reading of why is written by hand below)."""
-    f = lambda k: rows[k]['fid'] if k in rows else float('nan')
+    """One line per claim whose rows were evaluated, computed from the table (the reading of why is written
+    by hand below)."""
+    f, have = lambda k: rows[k]['fid'], lambda *keys: all(k in rows for k in keys)
     out = []
-    best = min(('k4', 'k4-half', 'k4-random'), key=f)
-    out.append(f'(a) one-step MSD vs the 35-NFE teacher: best MSD row FID {f(best):.2f} vs teacher {f("teacher"):.2f}: '
-               + ('holds' if f(best) <= f('teacher') else 'does not hold'))
-    seq = [f('k1'), f('k2'), f('k4')]
-    out.append(f'(b) K = 1, 2, 4 (DM + ADM): {seq[0]:.2f}, {seq[1]:.2f}, {seq[2]:.2f}: '
-               + ('holds (monotone)' if seq[0] > seq[1] > seq[2] else 'holds for K = 1 vs 4 only' if seq[0] > seq[2] else 'does not hold'))
-    pairs = [(f(f'k{k}-dm'), f(f'k{k}')) for k in (1, 4)]
-    n = sum(a > b for a, b in pairs)
-    out.append(f'(c) DM only -> DM + ADM at equal updates: ' + ', '.join(f'K = {k}: {a:.2f} -> {b:.2f}' for k, (a, b) in zip((1, 4), pairs))
-               + f': ADM lowers FID in {n} of 2')
-    if 'k4-half' in rows and 'k4' in rows:
+    if msd := [k for k in ('k4', 'k4-half', 'k4-random') if k in rows] if 'teacher' in rows else []:
+        best = min(msd, key=f)
+        out.append(f'(a) one-step MSD vs the 35-NFE teacher: best MSD row FID {f(best):.2f} vs teacher {f("teacher"):.2f}: '
+                   + ('holds' if f(best) <= f('teacher') else 'does not hold'))
+    if have('k1', 'k4'):
+        ks = [k for k in (1, 2, 4) if f'k{k}' in rows]
+        seq = [f(f'k{k}') for k in ks]
+        out.append(f'(b) K = {", ".join(map(str, ks))} (DM + ADM): {", ".join(f"{v:.2f}" for v in seq)}: '
+                   + ('holds (monotone)' if all(a > b for a, b in zip(seq, seq[1:])) else
+                      'holds for K = 1 vs 4 only' if seq[0] > seq[-1] else 'does not hold'))
+    if pairs := [(k, f(f'k{k}-dm'), f(f'k{k}')) for k in (1, 4) if have(f'k{k}-dm', f'k{k}')]:
+        out.append('(c) DM only -> DM + ADM at equal updates: ' + ', '.join(f'K = {k}: {a:.2f} -> {b:.2f}' for k, a, b in pairs)
+                   + f': ADM lowers FID in {sum(a > b for _, a, b in pairs)} of {len(pairs)}')
+    if have('k4-half', 'k4'):
         h, s = rows['k4-half'], rows['k4']
         out.append(f'(d) half-width students: {h["params"] / 1e6:.2f}M vs {s["params"] / 1e6:.2f}M parameters, '
                    f'FID {h["fid"]:.2f} vs {s["fid"]:.2f} (speed: BENCHMARKS.md)')
-    out.append(f'(e) contiguous vs random partition (K = 4): {f("k4"):.2f} vs {f("k4-random"):.2f}: '
-               + ('holds' if f('k4') < f('k4-random') else 'does not hold'))
+    if have('k4', 'k4-random'):
+        out.append(f'(e) contiguous vs random partition (K = 4): {f("k4"):.2f} vs {f("k4-random"):.2f}: '
+                   + ('holds' if f('k4') < f('k4-random') else 'does not hold'))
     return out
 
 
@@ -474,7 +492,7 @@ def report(cfg, results):
     os.makedirs(cfg.figures, exist_ok=True)
     curve = results.get('curve', {})
     series = {f'K = {run[1:]}': [(int(k.split(':')[1]), v) for k, v in curve.items() if k.startswith(run + ':')]
-              for run in ('k1', 'k4')}
+              for run in ('k1', 'k4') if any(k.startswith(run + ':') for k in curve)}
     plotted = plot(series, os.path.join(cfg.figures, 'fid_vs_iterations.png'), results.get('dm_steps', 0), cfg.plot_samples)
     for k in rows:
         if os.path.exists(os.path.join(cfg.out, 'grids', f'{k}.png')):
@@ -534,6 +552,7 @@ def main(cfg: GridConfig, argv):
     bad = [p for p in parts if p not in ('features', 'train', 'eval', 'report', 'curves')]
     if bad:
         raise ValueError(f'unknown part {bad[0]!r}: choose from features, train, eval, report, curves')
+    selected(cfg)                                                          # a bad --runs fails before any work
     if ('train' in parts or 'eval' in parts) and not os.path.exists(cfg.teacher):
         raise FileNotFoundError(f'no teacher at {cfg.teacher} (train one: python train.py --stages teacher)')
     os.makedirs(cfg.out, exist_ok=True)

@@ -492,6 +492,12 @@ def test_train_student_uses_own_classes_and_stage_learning_rates(tmp_path):
             for net in ('G', 'fake'):
                 assert all((v - before[net][k]).abs().max() <= 1.5 * lr for k, v in state[net].items()), (stage, net)
         before = state
+    # ADM continued (one more update) at a lower --adm_lr: the resumed optimisers run at the new rate.
+    cfg2 = dataclasses_replace(cfg, adm_steps=2, adm_lr=1e-5)
+    train.train_student(cfg2, train.Dist(), 1, groups, data, teacher, ['adm'], None, 1)
+    after = torch.load(train.stage_path(cfg, 'adm', 1), weights_only=True)
+    assert after['step'] == 2 and all(after[o]['param_groups'][0]['lr'] == 1e-5 for o in ('opt_G', 'opt_fake'))
+    assert all((v - before['G'][k]).abs().max() <= 1.5e-5 for k, v in after['G'].items())
     presets = train.PRESETS
     assert (presets['imagenet64'].lr, presets['imagenet64'].adm_lr, presets['fashion'].adm_lr) == (2e-6, 5e-7, 0.0)
 
@@ -1556,6 +1562,25 @@ def test_report_tables_verdicts_and_plot(tmp_path):
     steps = lambda cmd: (cmd[cmd.index('--dm_steps') + 1], cmd[cmd.index('--adm_steps') + 1])
     assert steps(E.train_command(cfg, runs['k4-dm'], 't.pt', 20, 10)) == ('30', '0')
     assert steps(E.train_command(cfg, runs['k4'], 't.pt', 20, 10)) == ('20', '10')
+    some = {k: rows[k] for k in ('teacher', 'k1', 'k4')}                  # a subset (--runs k1,k4): only its claims
+    assert [v[:3] for v in E.verdicts(some)] == ['(a)', '(b)'] and 'K = 1, 4 (DM + ADM): 30.00, 20.00: holds (monotone)' in E.verdicts(some)[1]
+
+
+def test_grid_runs_only_the_selected_runs(tmp_path, monkeypatch, capsys):
+    """experiments.py --runs k1,k4: the students of those runs are trained (one command each, then one per run
+    for msd.pt), nothing else; an unknown name is a one-line error before any work."""
+    import experiments as E
+    issued = []
+    monkeypatch.setattr(E, 'run_all', lambda cmds, jobs, log: issued.append([c[c.index('--out') + 1:] for c in cmds]) or 1.0)
+    cfg = E.GridConfig(out=str(tmp_path), runs='k4,k1', dm_steps=3, adm_steps=2)
+    results = {}
+    E.train(cfg, results)
+    out = lambda name: os.path.join(str(tmp_path), name)
+    assert [c[:1] + c[-2:] for c in issued[0]] == [[out('k1'), '--only_students', '0']] + \
+        [[out('k4'), '--only_students', str(k)] for k in range(4)]
+    assert [c[0] for c in issued[1]] == [out('k1'), out('k4')] and sorted(results['commands']) == ['k1', 'k4']
+    assert 'unknown run \'k3\' in --runs' in cli_error(E.cli, ['--runs', 'k1,k3', '--out', str(tmp_path / 'x')], capsys)
+    assert not os.path.exists(tmp_path / 'x')
 
 
 def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
