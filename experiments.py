@@ -232,11 +232,12 @@ def run_all(commands, jobs, log_dir):
 def probe_steps(cfg, teacher):
     """Iterations per student that fit cfg.train_minutes with all students training at once: time 6 DM
     iterations of every student together and take the slowest one's rate."""
+    runs = selected(cfg)
     cmds = [train_command(cfg, r, teacher, 6, 0, k, os.path.join(cfg.out, 'probe', r[0])) + ['--stages', 'dm', '--warmup', '1']
-            for r in selected(cfg) for k in range(r[1])]
+            for r in runs for k in range(r[1])]
     run_all(cmds, cfg.jobs, os.path.join(cfg.out, 'probe', 'logs'))
     rates = []
-    for r in selected(cfg):
+    for r in runs:
         with open(os.path.join(cfg.out, 'probe', r[0], 'metrics.jsonl')) as f:
             rates += [rec['steps_per_s'] for rec in map(json.loads, f) if rec.get('throughput')]
     rate = min(rates)

@@ -1590,7 +1590,6 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample count computes its
     own points; one plot line per run folder."""
     import experiments as E
-    import dataclasses
     from dataclasses import asdict
     from student import Student
     monkeypatch.setattr(S, 'CACHE', str(tmp_path / 'cache'))
@@ -1628,7 +1627,7 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     seen = net.seen
     E.curves(cfg, torch.device('cpu'))                                    # both points cached: no image generated
     assert net.seen == seen and Image.open(tmp_path / 'fig' / 'fid_curves.png').size == (640, 400)
-    E.curves(dataclasses.replace(cfg, fid_samples=6), torch.device('cpu'))      # another protocol: computed anew
+    E.curves(dataclasses_replace(cfg, fid_samples=6), torch.device('cpu'))      # another protocol: computed anew
     again = json.loads((run / 'curve-6vs20.json').read_text())
     assert sorted(again) == ['adm:5', 'dm:5'] and again['adm:5']['fid'] != done['adm:5']['fid']
 

@@ -475,14 +475,14 @@ def train_stage(run, G, fake, stage, groups, pairs=None):
     cfg, d, k, leader = run.cfg, run.d, run.k, run.d.rank % run.n == 0
     steps, tsm, adm = getattr(cfg, f'{stage}_steps'), stage == 'tsm', stage == 'adm'
     lr = (cfg.adm_lr or cfg.lr) if adm else cfg.lr
-    go, gsched = make_optimizer(list(G.parameters()), cfg.tsm_lr if tsm else lr, cfg,
-                                steps_per_update=1 if tsm else cfg.ratio)
+    glr = cfg.tsm_lr if tsm else lr
+    go, gsched = make_optimizer(list(G.parameters()), glr, cfg, steps_per_update=1 if tsm else cfg.ratio)
     fo, fsched = make_optimizer(list(fake.parameters()), lr, cfg)
     parts = dict(G=G, fake=fake, opt_G=go, sched_G=gsched, opt_fake=fo, sched_fake=fsched)
     run.stage, run.step = stage, start_stage(run, stage, parts)
     # A resumed stage keeps its optimiser moments but runs at the learning rates given now: continuing a finished
     # ADM stage with a lower --adm_lr is a step decay (DMD2's best ImageNet-64 run resumed at a lower rate).
-    for o, sched, base in ((go, gsched, cfg.tsm_lr if tsm else lr), (fo, fsched, lr)):
+    for o, sched, base in ((go, gsched, glr), (fo, fsched, lr)):
         sched.base_lrs = [base] * len(o.param_groups)
         for g, f in zip(o.param_groups, sched.lr_lambdas):
             g['initial_lr'], g['lr'] = base, base * f(sched.last_epoch)
