@@ -1262,6 +1262,25 @@ def test_sigkill_then_resume_gives_bitwise_the_same_run(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
+def test_finished_run_continued_to_more_steps_equals_an_uninterrupted_run(tmp_path):
+    """One rank, two students trained one after the other: a run finished at 1 ADM step and rerun with
+    --adm_steps 2 ends with bitwise the students of a run given --adm_steps 2 from the start (the second
+    student's random GAN head must not depend on how far the first student trained)."""
+    import train
+    args = ['--preset', 'smoke', '--students', '2', '--teacher_steps', '4', '--tsm_steps', '2', '--dm_steps', '1',
+            '--ratio', '1', '--regression_weight', '0', '--heun_steps', '2', '--batch', '4', '--teacher_batch', '8',
+            '--grid_every', '0', '--fid_samples', '0']
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    train.main(train.parse_args(args + ['--out', a, '--adm_steps', '2']))
+    train.main(train.parse_args(args + ['--out', b, '--adm_steps', '1']))
+    train.main(train.parse_args(args + ['--out', b, '--adm_steps', '2']))
+    sa, sb = (torch.load(os.path.join(r, 'msd.pt'), weights_only=True)['students'] for r in (a, b))
+    for x, y in zip(sa, sb):
+        assert x['state_dict'].keys() == y['state_dict'].keys()
+        assert all(torch.equal(x['state_dict'][n], y['state_dict'][n]) for n in x['state_dict']), x['student']
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
 def test_nonfinite_loss_stops_with_message_or_is_skipped(tmp_path, monkeypatch):
     import train
     calls = {'n': 0}

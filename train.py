@@ -441,6 +441,10 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
     """Student k's stages in order, each from the last one's final weights (TSM only for a student smaller
     than the teacher), then student{k}.pt. `group`: the process subgroup of the n_ranks ranks training it."""
     run = StudentRun(cfg, d, k, groups[k], data, teacher, group, n_ranks)
+    # The GAN head (and a smaller student) start from random weights: every student draws them from the state the
+    # rank was seeded with, not from what the students before it on this rank left, whose draws depend on how far
+    # they trained. So a finished run continued to more steps ends where an uninterrupted run ends.
+    torch.manual_seed(cfg.seed + d.rank)
     G, fake = build_pair(cfg, teacher, d.device)
     smaller = G.net.cfg.model_channels < teacher.cfg.model_channels
     d.main and print(f'student {k}: classes {groups[k]}, {count_params(G) / 1e6:.2f}M parameters'
@@ -610,7 +614,6 @@ def start_run_folder(cfg, d, data, stages):
 def train_students(cfg, d, mine, n_ranks, pgs, groups, data, teacher, stages):
     """This rank's students `mine`, each with the n_ranks ranks of its process subgroup pgs[k]; a student whose
     student{k}.pt exists and whose last stage reached its final step is done and skipped."""
-    torch.manual_seed(cfg.seed + d.rank)
     for k in mine:
         last = load_state(stage_path(cfg, stages[-1], k)) or {}
         done = isinstance(last.get('step'), int) and last['step'] >= getattr(cfg, stages[-1] + '_steps')
