@@ -113,7 +113,7 @@ PRESETS = {
     # one CPU thread at a similar FID per update, so more updates fit (1k FID 51.0 vs 59.7 for 70 + 55 at batch 16).
     # 200 ADM updates rather than 120: make run's 1k FID 46.4 vs 51.0, 26.5 vs 19.6 min (Intel, 992137d). DM with
     # ratio 1 diverges.
-    # --teacher '' trains a teacher first (1.4M parameters).
+    # --teacher '' trains a teacher first (1.37M parameters).
     'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, batch=8, dm_steps=120, adm_steps=200, warmup=20,
                       gan_gen_weight=3e-2, fid_samples=1000, fid_ref=1000),
     # Every stage, smaller students included, tiny sizes: the CI / torchrun check.
