@@ -108,11 +108,11 @@ FASHION_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chec
 
 PRESETS = {
     # The main job: 4 same-size students of the committed Fashion-MNIST teacher, `make run` on a 2-core CPU (2 ranks)
-    # in 30 minutes. Each number chosen by the FID-1k of the main job's students (RESULTS.md, "The main job's recipe"):
-    # lr 1e-4 (3e-4 and 1e-3 worse); batch 8 (an iteration costs 0.55-0.6x one at batch 16 for a similar FID per
-    # update, so more updates fit); 5 critic updates per generator update (1 diverges in DM, 2 in ADM; 2 in DM only is
-    # worse); GAN generator weight 3e-2 (10x DMD2's; 3e-3 and 0.1 worse); 200 ADM updates (120: 51.0 vs 46.4);
-    # regression loss off (0.25 gains nothing).
+    # in 30 minutes, its numbers picked on the FID-1k of the main job's students. Runs in RESULTS.md ("The main job's
+    # recipe"): 200 ADM updates (120: 51.0 vs 46.4, Intel Xeon, 992137d); batch 8 (batch 16 at 70 DM + 55 ADM: 59.7);
+    # GAN generator weight 3e-2 (0.1: 49.9 vs 45.8); 5 critic updates (200 DM updates at 2: 48.4); regression loss off
+    # (0.25, pixel L2: 45.6). From FID curves not kept: lr 1e-4 beat 3e-4 and 1e-3; 3e-2 gained more per ADM update
+    # than DMD2's 3e-3; ratio 1 diverged in DM and 2 in ADM; a batch-8 iteration costs 0.55-0.6x one at batch 16.
     # --teacher '' trains a teacher first (1.37M parameters).
     'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, batch=8, dm_steps=120, adm_steps=200, warmup=20,
                       gan_gen_weight=3e-2, fid_samples=1000, fid_ref=1000),
