@@ -356,11 +356,11 @@ def evaluate(cfg, results, device):
 
 
 def curves(cfg, device):
-    """FID of every snapshot of the train.py runs in --curve_runs (fid_samples one-step images against
-    fid_ref training images, the same seeds for every point): how a recipe's FID falls with generator
-    updates. Cached per run folder and protocol in curve-{fid_samples}vs{n_ref}.json; prints one line per
-    point and plots the runs, one line each (named by folder), with the teacher's FID on the same seeds
-    (--teacher, cached in --out), in {figures}/fid_curves.png."""
+    """FID of every snapshot of the train.py runs in --curve_runs, and of each run's msd.pt as the point at the
+    end of its last stage (fid_samples one-step images against fid_ref training images, the same seeds for
+    every point): how a recipe's FID falls with generator updates. Cached per run folder and protocol in
+    curve-{fid_samples}vs{n_ref}.json; prints one line per point and plots the runs, one line each (named by
+    folder), with the teacher's FID on the same seeds (--teacher, cached in --out), in {figures}/fid_curves.png."""
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     fid = lambda gen: S.fid(gen, data, cfg.fid_samples, cfg.fid_ref, device, extractor=inception)[0]   # seeds 10^7..
@@ -384,13 +384,16 @@ def curves(cfg, device):
             stage, k, step = name[:-3].split('-')
             found.setdefault((stage, int(step[4:])), []).append(os.path.join(folder, 'snapshots', name))
         dm_steps = json.load(open(os.path.join(folder, 'config.json')))['dm_steps']
+        final = os.path.join(folder, 'msd.pt')              # the last point: msd.pt, at the end of its last stage
+        if os.path.exists(final):
+            rec = read_checkpoint(final, 'msd')
+            for stage in [s for s in rec.get('stages', []) if s != 'tsm'][-1:]:
+                found.setdefault((stage, rec['config'][f'{stage}_steps']), final)
         for (stage, step), files in sorted(found.items(), key=lambda kv: (kv[0][0] == 'adm', kv[0][1])):
             key = f'{stage}:{step}'
-            recs = [read_checkpoint(f, 'student') for f in sorted(files)]
-            if key not in done and len(recs) == len(recs[0]['partition']):    # every student saved at this step
-                students = [load_student(r, r['config']['sigma_max'], data.num_classes, f) for r, f in zip(recs, sorted(files))]
-                msd = MSD(students, recs[0]['partition'], data.num_classes).to(device).eval()
-                done[key] = dict(updates=step + (dm_steps if stage == 'adm' else 0), fid=fid(msd))
+            msd = None if key in done else point_generator(files, data.num_classes)
+            if msd is not None:
+                done[key] = dict(updates=step + (dm_steps if stage == 'adm' else 0), fid=fid(msd.to(device).eval()))
                 with open(path, 'w') as f:
                     json.dump(done, f, indent=1)
             if key in done:
@@ -399,6 +402,18 @@ def curves(cfg, device):
                 series.setdefault(os.path.basename(os.path.normpath(folder)), []).append((done[key]['updates'], done[key]['fid']))
     if plot(series, path := os.path.join(cfg.figures, 'fid_curves.png'), dm_steps, cfg.fid_samples, reference):
         print(f'wrote {path}', flush=True)
+
+
+def point_generator(files, num_classes):
+    """The MSD generator of one curve point: a run's msd.pt (a path), or its students' snapshots at one step
+    (a list of paths; None unless every student left one there)."""
+    if isinstance(files, str):
+        return load_msd(files, num_classes=num_classes)
+    recs = [read_checkpoint(f, 'student') for f in sorted(files)]
+    if len(recs) != len(recs[0]['partition']):
+        return None
+    students = [load_student(r, r['config']['sigma_max'], num_classes, f) for r, f in zip(recs, sorted(files))]
+    return MSD(students, recs[0]['partition'], num_classes)
 
 
 def save_results(cfg, results):

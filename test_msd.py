@@ -1604,8 +1604,8 @@ def test_grid_runs_only_the_selected_runs(tmp_path, monkeypatch, capsys):
 
 def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     """experiments.py --parts curves: one point per (stage, step) at which every student left a snapshot, at
-    dm_steps + step updates for ADM; its FID is that of the snapshots' MSD generator (seeds 10^7.., balanced
-    labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's reference line;
+    dm_steps + step updates for ADM, and one for msd.pt at the end of its last stage; its FID is that of the
+    snapshots' (or msd.pt's) MSD generator (seeds 10^7.., balanced labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's reference line;
     points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample count computes its
     own points; one plot line per run folder."""
     import experiments as E
@@ -1629,17 +1629,23 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
             torch.save(dict(kind='student', student=k, classes=groups[k], partition=groups, net=asdict(FLAT),
                             state_dict=G.state_dict(), config=dict(sigma_max=80.0)),
                        run / 'snapshots' / f'{stage}-student{k}-step{step}.pt')
+    final = [Student(FLAT, 80.0) for _ in groups]                       # msd.pt after 12 ADM updates
+    for G in final:
+        randomize(G.net)
+    torch.save(msd_checkpoint(final, groups, 6, dict(dm_steps=10, adm_steps=12), stages=['dm', 'adm']), run / 'msd.pt')
     teacher = randomize(build_net(FLAT)).eval()
     torch.save(teacher_checkpoint(teacher), tmp_path / 'teacher.pt')
     cfg = E.GridConfig(out=str(tmp_path), figures=str(tmp_path / 'fig'), curve_runs=str(run), fid_samples=12, fid_ref=20,
                        teacher=str(tmp_path / 'teacher.pt'), heun_steps=2)
     E.curves(cfg, torch.device('cpu'))
     done = json.loads((run / 'curve-12vs20.json').read_text())
-    assert sorted(done) == ['adm:5', 'dm:5'] and done['adm:5']['updates'] == 15 and done['dm:5']['updates'] == 5
+    assert sorted(done) == ['adm:12', 'adm:5', 'dm:5'] and [done[k]['updates'] for k in ('dm:5', 'adm:5', 'adm:12')] == [5, 15, 22]
     ref, _ = S.reference(data, 20, net)
     seeds, labels = list(range(10 ** 7, 10 ** 7 + 12)), torch.arange(12) % 6
     gen = MSD([students['adm', 5, 0], students['adm', 5, 1]], groups, 6).eval()
     assert done['adm:5']['fid'] == pytest.approx(S.frechet(S.features(S.generate(gen, seeds, labels, (1, 8, 8)), net), ref), rel=1e-6)
+    gen = MSD(final, groups, 6).eval()                                  # msd.pt: the point at the end of its last stage
+    assert done['adm:12']['fid'] == pytest.approx(S.frechet(S.features(S.generate(gen, seeds, labels, (1, 8, 8)), net), ref), rel=1e-6)
     heun = lambda z, y: S.heun(teacher, z, y, 2)                        # the teacher's line: same seeds, Heun
     (value,) = json.loads((tmp_path / 'teacher_fid.json').read_text()).values()
     assert value == pytest.approx(S.frechet(S.features(S.generate(heun, seeds, labels, (1, 8, 8)), net), ref), rel=1e-6)
@@ -1648,7 +1654,7 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     assert net.seen == seen and Image.open(tmp_path / 'fig' / 'fid_curves.png').size == (640, 400)
     E.curves(dataclasses_replace(cfg, fid_samples=6), torch.device('cpu'))      # another protocol: computed anew
     again = json.loads((run / 'curve-6vs20.json').read_text())
-    assert sorted(again) == ['adm:5', 'dm:5'] and again['adm:5']['fid'] != done['adm:5']['fid']
+    assert sorted(again) == ['adm:12', 'adm:5', 'dm:5'] and again['adm:5']['fid'] != done['adm:5']['fid']
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
