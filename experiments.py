@@ -55,7 +55,7 @@ class GridConfig:
     classifier: str = opt('checkpoints/fashion-classifier.pt', 'Fashion-MNIST classifier (trained here if missing)')
     data: str = opt('', f'Fashion-MNIST IDX folder (default {FASHION_DIR})')
     parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report, '
-                                          'curves (FID of every snapshot in --curve_runs)')
+                                          'curves (FID of every snapshot and msd.pt in --curve_runs)')
     curve_runs: str = opt('', 'comma-separated train.py run folders with snapshots/ (--snapshot_every), for --parts curves')
     runs: str = opt('k1,k4,k4-dm,k2,k4-random,k4-half,k1-dm', 'the training runs (and their rows) to train and evaluate; '
                                                              'the teacher\'s row is always evaluated')
