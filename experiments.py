@@ -56,7 +56,7 @@ class GridConfig:
     data: str = opt('', f'Fashion-MNIST IDX folder (default {FASHION_DIR})')
     parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report, '
                                           'curves (FID of every snapshot and msd.pt in --curve_runs)')
-    curve_runs: str = opt('', 'comma-separated train.py run folders with snapshots/ (--snapshot_every), for --parts curves')
+    curve_runs: str = opt('', 'comma-separated train.py run folders (snapshots/ from --snapshot_every, msd.pt), for --parts curves')
     runs: str = opt('k1,k4,k4-dm,k2,k4-random,k4-half,k1-dm', 'the training runs (and their rows) to train and evaluate; '
                                                              'the teacher\'s row is always evaluated')
     device: str = opt('auto', 'auto, cpu or cuda')
@@ -380,15 +380,17 @@ def curves(cfg, device):
     for folder in [f for f in cfg.curve_runs.split(',') if f]:
         path, found = os.path.join(folder, f'curve-{cfg.fid_samples}vs{len(ref)}.json'), {}   # one cache per protocol
         done = json.load(open(path)) if os.path.exists(path) else {}
-        for name in os.listdir(os.path.join(folder, 'snapshots')):          # {stage}-student{k}-step{n}.pt
+        snaps = os.path.join(folder, 'snapshots')
+        for name in os.listdir(snaps) if os.path.isdir(snaps) else []:      # {stage}-student{k}-step{n}.pt
             stage, k, step = name[:-3].split('-')
             found.setdefault((stage, int(step[4:])), []).append(os.path.join(folder, 'snapshots', name))
         dm_steps = json.load(open(os.path.join(folder, 'config.json')))['dm_steps']
         final = os.path.join(folder, 'msd.pt')              # the last point: msd.pt, at the end of its last stage
         if os.path.exists(final):
             rec = read_checkpoint(final, 'msd')
-            for stage in [s for s in rec.get('stages', []) if s != 'tsm'][-1:]:
-                found.setdefault((stage, rec['config'][f'{stage}_steps']), final)
+            for stage in [s for s in rec.get('stages') or [] if s != 'tsm'][-1:]:
+                if isinstance(step := (rec.get('config') or {}).get(f'{stage}_steps'), int):
+                    found.setdefault((stage, step), final)
         for (stage, step), files in sorted(found.items(), key=lambda kv: (kv[0][0] == 'adm', kv[0][1])):
             key = f'{stage}:{step}'
             msd = None if key in done else point_generator(files, data.num_classes)
