@@ -1604,7 +1604,8 @@ def test_grid_runs_only_the_selected_runs(tmp_path, monkeypatch, capsys):
 
 def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     """experiments.py --parts curves: one point per (stage, step) at which every student left a snapshot, at
-    dm_steps + step updates for ADM, and one for msd.pt at the end of its last stage; its FID is that of the
+    dm_steps + step updates for ADM, and one for msd.pt at the end of its last stage (alone in a folder
+    without snapshots/); its FID is that of the
     snapshots' (or msd.pt's) MSD generator (seeds 10^7.., balanced labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's reference line;
     points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample count computes its
     own points; one plot line per run folder."""
@@ -1655,6 +1656,13 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     E.curves(dataclasses_replace(cfg, fid_samples=6), torch.device('cpu'))      # another protocol: computed anew
     again = json.loads((run / 'curve-6vs20.json').read_text())
     assert sorted(again) == ['adm:12', 'adm:5', 'dm:5'] and again['adm:5']['fid'] != done['adm:5']['fid']
+    bare = tmp_path / 'k2-bare'                                          # no snapshots/: msd.pt is the only point
+    os.makedirs(bare)
+    (bare / 'config.json').write_text(json.dumps(dict(dm_steps=7)))
+    torch.save(msd_checkpoint(final, groups, 6, dict(dm_steps=7, adm_steps=0), stages=['tsm', 'dm']), bare / 'msd.pt')
+    E.curves(dataclasses_replace(cfg, curve_runs=str(bare)), torch.device('cpu'))
+    point = json.loads((bare / 'curve-12vs20.json').read_text())
+    assert list(point) == ['dm:7'] and point['dm:7'] == dict(updates=7, fid=done['adm:12']['fid'])
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason='dataset-fashion-mnist not installed')
