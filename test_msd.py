@@ -1605,9 +1605,9 @@ def test_grid_runs_only_the_selected_runs(tmp_path, monkeypatch, capsys):
 def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     """experiments.py --parts curves: one point per (stage, step) at which every student left a snapshot, at
     dm_steps + step updates for ADM, and one for msd.pt at the end of its last stage (alone in a folder
-    without snapshots/); its FID is that of the
-    snapshots' (or msd.pt's) MSD generator (seeds 10^7.., balanced labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's reference line;
-    points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample count computes its
+    without snapshots/); its FID is that of the snapshots' (or msd.pt's) MSD generator (seeds 10^7..,
+    balanced labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's
+    reference line; points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample count computes its
     own points; one plot line per run folder."""
     import experiments as E
     from dataclasses import asdict
