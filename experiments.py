@@ -383,7 +383,7 @@ def curves(cfg, device):
         snaps = os.path.join(folder, 'snapshots')
         for name in os.listdir(snaps) if os.path.isdir(snaps) else []:      # {stage}-student{k}-step{n}.pt
             stage, k, step = name[:-3].split('-')
-            found.setdefault((stage, int(step[4:])), []).append(os.path.join(folder, 'snapshots', name))
+            found.setdefault((stage, int(step[4:])), []).append(os.path.join(snaps, name))
         dm_steps = json.load(open(os.path.join(folder, 'config.json')))['dm_steps']
         final = os.path.join(folder, 'msd.pt')              # the last point: msd.pt, at the end of its last stage
         if os.path.exists(final):

@@ -1607,8 +1607,8 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     dm_steps + step updates for ADM, and one for msd.pt at the end of its last stage (alone in a folder
     without snapshots/); its FID is that of the snapshots' (or msd.pt's) MSD generator (seeds 10^7..,
     balanced labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's
-    reference line; points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample count computes its
-    own points; one plot line per run folder."""
+    reference line; points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample
+    count computes its own points; one plot line per run folder."""
     import experiments as E
     from dataclasses import asdict
     from student import Student
