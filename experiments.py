@@ -23,6 +23,7 @@ row is not redone.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -441,20 +442,29 @@ def plot(series, path, dm_steps, samples, reference=None):
     ys = [y for p in pts.values() for _, y in p] + ([reference[1]] if reference else [])
     if not xs:
         return False
-    x1, y1 = max(max(xs), dm_steps), max(ys) * 1.05
+    # The y axis spans the data, not 0..max: FID curves a few points apart between 25 and 45 would otherwise
+    # share a thin band at the top. Ticks: the finest step of 1, 2 or 5 x 10^k giving at most 8 intervals.
+    x1, span = max(max(xs), dm_steps), max(max(ys) - min(ys), 1.0)
+    lo, hi = max(0.0, min(ys) - 0.03 * span), max(ys) + 0.03 * span
+    e = math.floor(math.log10(span / 8))                                      # 10^e <= span / 8: too fine at most
+    step = next(s * 10.0 ** k for k in (e, e + 1, e + 2) for s in (1, 2, 5) if math.ceil(hi / (s * 10.0 ** k)) - math.floor(lo / (s * 10.0 ** k)) <= 8)
+    y0, n = math.floor(lo / step) * step, math.ceil(hi / step) - math.floor(lo / step)
+    y1 = y0 + n * step
     X = lambda x: left + (W - left - right) * x / max(x1, 1)
-    Y = lambda y: H - bottom - (H - top - bottom) * y / max(y1, 1e-9)
+    Y = lambda y: H - bottom - (H - top - bottom) * (y - y0) / (y1 - y0)
     d.line([(left, H - bottom), (W - right, H - bottom)], 'black')
     d.line([(left, top), (left, H - bottom)], 'black')
+    for i in range(n + 1):
+        d.text((left - 6, Y(y0 + i * step)), f'{y0 + i * step:.{0 if step >= 1 else 1}f}', fill='black', anchor='rm')
     for i in range(6):
-        d.text((left - 6, Y(y1 * i / 5)), f'{y1 * i / 5:.0f}', fill='black', anchor='rm')
         d.text((X(x1 * i / 5), H - bottom + 6), f'{x1 * i / 5:.0f}', fill='black', anchor='mt')
     d.line([(X(dm_steps), top), (X(dm_steps), H - bottom)], (180, 180, 180))
     d.text((X(dm_steps), top - 4), 'DM | ADM', fill='gray', anchor='mb')
     def legend(i, name, color):                                               # right margin, one row each
         d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], color, width=2)
         d.text((W - right + 46, top + 20 * i), name[:10], fill=color, anchor='lm')
-    colors = [(200, 40, 40), (40, 80, 200), (40, 150, 60), (150, 60, 170), (220, 130, 20)]
+    colors = [(200, 40, 40), (40, 80, 200), (40, 150, 60), (150, 60, 170), (220, 130, 20), (0, 160, 170),
+              (140, 90, 40), (230, 60, 160)]                                 # distinct up to 8 series
     for i, (name, p) in enumerate(pts.items()):
         color = colors[i % len(colors)]
         if len(p) > 1:

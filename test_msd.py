@@ -1602,6 +1602,21 @@ def test_grid_runs_only_the_selected_runs(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / 'x')
 
 
+def test_plot_axis_spans_the_data_and_series_keep_their_colors(tmp_path):
+    """FID curves between 30 and 40: the lowest point sits in the bottom fifth of the plot area and the highest
+    in the top fifth (an axis from 0 would put 30 at three quarters of the height); eight series, eight colours."""
+    import experiments as E
+    top, bottom = 60, 400 - 50                                            # plot area rows in plot()'s layout
+    E.plot({'a': [(0, 30.0), (100, 40.0)]}, str(tmp_path / 'a.png'), 50, 100)
+    img = np.asarray(Image.open(tmp_path / 'a.png').convert('RGB'))[:, 60:640 - 110].astype(int)   # without the legend
+    rows = np.nonzero((np.abs(img - np.array([200, 40, 40])).sum(-1) < 10).any(1))[0]
+    assert rows.max() > bottom - (bottom - top) / 5 and rows.min() < top + (bottom - top) / 5
+    E.plot({f's{i}': [(10 * i, 30.0 + i)] for i in range(8)}, str(tmp_path / 'b.png'), 50, 100)
+    img = np.asarray(Image.open(tmp_path / 'b.png').convert('RGB'))[top:bottom, 60:640 - 110].reshape(-1, 3)
+    colors = {tuple(c) for c in img if max(c) - min(c) > 60}            # saturated pixels: series, not axes or text
+    assert len(colors) >= 8
+
+
 def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     """experiments.py --parts curves: one point per (stage, step) at which every student left a snapshot, at
     dm_steps + step updates for ADM, and one for msd.pt at the end of its last stage (alone in a folder
