@@ -447,8 +447,10 @@ def plot(series, path, dm_steps, samples, reference=None):
     x1, span = max(max(xs), dm_steps), max(max(ys) - min(ys), 1.0)
     lo, hi = max(0.0, min(ys) - 0.03 * span), max(ys) + 0.03 * span
     e = math.floor(math.log10(span / 8))                                      # 10^e <= span / 8: too fine at most
-    step = next(s * 10.0 ** k for k in (e, e + 1, e + 2) for s in (1, 2, 5) if math.ceil(hi / (s * 10.0 ** k)) - math.floor(lo / (s * 10.0 ** k)) <= 8)
-    y0, n = math.floor(lo / step) * step, math.ceil(hi / step) - math.floor(lo / step)
+    for step in (m * 10.0 ** k for k in (e, e + 1, e + 2) for m in (1, 2, 5)):   # 10^(e+2) > span: ends by then
+        if (n := math.ceil(hi / step) - math.floor(lo / step)) <= 8:
+            break
+    y0 = math.floor(lo / step) * step
     y1 = y0 + n * step
     X = lambda x: left + (W - left - right) * x / max(x1, 1)
     Y = lambda y: H - bottom - (H - top - bottom) * (y - y0) / (y1 - y0)
