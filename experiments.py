@@ -365,7 +365,7 @@ def curves(cfg, device):
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     fid = lambda gen: S.fid(gen, data, cfg.fid_samples, cfg.fid_ref, device, extractor=inception)[0]   # seeds 10^7..
-    series, dm_steps = {}, 0
+    series, dm_steps = {}, None
     reference = None
     if os.path.exists(cfg.teacher):                 # the teacher on the same seeds and counts (Heun), cached in --out
         path = os.path.join(cfg.out, 'teacher_fid.json')
@@ -385,18 +385,20 @@ def curves(cfg, device):
         for name in os.listdir(snaps) if os.path.isdir(snaps) else []:      # {stage}-student{k}-step{n}.pt
             stage, k, step = name[:-3].split('-')
             found.setdefault((stage, int(step[4:])), []).append(os.path.join(snaps, name))
-        dm_steps = json.load(open(os.path.join(folder, 'config.json')))['dm_steps']
+        run_dm = json.load(open(os.path.join(folder, 'config.json')))['dm_steps']
         final = os.path.join(folder, 'msd.pt')              # the last point: msd.pt, at the end of its last stage
         if os.path.exists(final):
             rec = read_checkpoint(final, 'msd')
             for stage in [s for s in rec.get('stages') or [] if s != 'tsm'][-1:]:
                 if isinstance(step := (rec.get('config') or {}).get(f'{stage}_steps'), int):
                     found.setdefault((stage, step), final)
+        if any(stage == 'adm' for stage, _ in found):      # the DM | ADM boundary is drawn only for runs with ADM
+            dm_steps = run_dm
         for (stage, step), files in sorted(found.items(), key=lambda kv: (kv[0][0] == 'adm', kv[0][1])):
             key = f'{stage}:{step}'
             msd = None if key in done else point_generator(files, data.num_classes)
             if msd is not None:
-                done[key] = dict(updates=step + (dm_steps if stage == 'adm' else 0), fid=fid(msd.to(device).eval()))
+                done[key] = dict(updates=step + (run_dm if stage == 'adm' else 0), fid=fid(msd.to(device).eval()))
                 with open(path, 'w') as f:
                     json.dump(done, f, indent=1)
             if key in done:
@@ -431,7 +433,8 @@ def save_results(cfg, results):
 
 def plot(series, path, dm_steps, samples, reference=None):
     """FID against generator iterations, one line per series ({name: [(iterations, FID), ...]}), as a small
-    PNG (PIL only); `reference` (name, FID): a horizontal line, e.g. the teacher's. Every label has its own
+    PNG (PIL only); `dm_steps`: where the DM | ADM boundary is drawn (None: no boundary, DM-only runs);
+    `reference` (name, FID): a horizontal line, e.g. the teacher's. Every label has its own
     place: title above the plot, the stage boundary's label above the plot area, legend in the right margin,
     tick labels outside the axes."""
     W, H, left, right, top, bottom = 640, 400, 60, 110, 60, 50
@@ -444,7 +447,7 @@ def plot(series, path, dm_steps, samples, reference=None):
         return False
     # The y axis spans the data, not 0..max: FID curves a few points apart between 25 and 45 would otherwise
     # share a thin band at the top. Ticks: the finest step of 1, 2 or 5 x 10^k giving at most 8 intervals.
-    x1, span = max(max(xs), dm_steps), max(max(ys) - min(ys), 1.0)
+    x1, span = max(max(xs), dm_steps or 0), max(max(ys) - min(ys), 1.0)
     lo, hi = max(0.0, min(ys) - 0.03 * span), max(ys) + 0.03 * span
     e = math.floor(math.log10(span / 8))                                      # 10^e <= span / 8: too fine at most
     for step in (m * 10.0 ** k for k in (e, e + 1, e + 2) for m in (1, 2, 5)):   # 10^(e+2) > span: ends by then
@@ -460,8 +463,9 @@ def plot(series, path, dm_steps, samples, reference=None):
         d.text((left - 6, Y(y0 + i * step)), f'{y0 + i * step:.{0 if step >= 1 else 1}f}', fill='black', anchor='rm')
     for i in range(6):
         d.text((X(x1 * i / 5), H - bottom + 6), f'{x1 * i / 5:.0f}', fill='black', anchor='mt')
-    d.line([(X(dm_steps), top), (X(dm_steps), H - bottom)], (180, 180, 180))
-    d.text((X(dm_steps), top - 4), 'DM | ADM', fill='gray', anchor='mb')
+    if dm_steps is not None:
+        d.line([(X(dm_steps), top), (X(dm_steps), H - bottom)], (180, 180, 180))
+        d.text((X(dm_steps), top - 4), 'DM | ADM', fill='gray', anchor='mb')
     def legend(i, name, color):                                               # right margin, one row each
         d.line([(W - right + 15, top + 20 * i), (W - right + 40, top + 20 * i)], color, width=2)
         d.text((W - right + 46, top + 20 * i), name[:10], fill=color, anchor='lm')

@@ -1615,6 +1615,10 @@ def test_plot_axis_spans_the_data_and_series_keep_their_colors(tmp_path):
     img = np.asarray(Image.open(tmp_path / 'b.png').convert('RGB'))[top:bottom, 60:640 - 110].reshape(-1, 3)
     colors = {tuple(c) for c in img if max(c) - min(c) > 60}            # saturated pixels: series, not axes or text
     assert len(colors) >= 8
+    for dm_steps, drawn in ((50, True), (None, False)):                   # the DM | ADM boundary: ADM runs only
+        E.plot({'a': [(0, 30.0), (100, 40.0)]}, str(tmp_path / 'c.png'), dm_steps, 100)
+        img = np.asarray(Image.open(tmp_path / 'c.png').convert('RGB'))[top:bottom, 60:640 - 110]
+        assert (img == 180).all(-1).any(0).sum() == (1 if drawn else 0)  # one gray column of the plot area, or none
 
 
 def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
