@@ -57,7 +57,8 @@ class GridConfig:
     data: str = opt('', f'Fashion-MNIST IDX folder (default {FASHION_DIR})')
     parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report, '
                                           'curves (FID of every snapshot and msd.pt in --curve_runs)')
-    curve_runs: str = opt('', 'comma-separated train.py run folders (snapshots/ from --snapshot_every, msd.pt), for --parts curves')
+    curve_runs: str = opt('', 'comma-separated train.py run folders (snapshots/ from --snapshot_every, msd.pt), for --parts '
+                              'curves; LABEL:FOLDER names its plot line (default: the folder\'s name)')
     runs: str = opt('k1,k4,k4-dm,k2,k4-random,k4-half,k1-dm', 'the training runs (and their rows) to train and evaluate; '
                                                              'the teacher\'s row is always evaluated')
     device: str = opt('auto', 'auto, cpu or cuda')
@@ -361,7 +362,7 @@ def curves(cfg, device):
     end of its last stage (fid_samples one-step images against fid_ref training images, the same seeds for
     every point): how a recipe's FID falls with generator updates. Cached per run folder and protocol in
     curve-{fid_samples}vs{n_ref}.json; prints one line per point and plots the runs, one line each (named by
-    folder), with the teacher's FID on the same seeds (--teacher, cached in --out), in {figures}/fid_curves.png."""
+    LABEL in LABEL:FOLDER, else by folder), with the teacher's FID on the same seeds (--teacher, cached in --out), in {figures}/fid_curves.png."""
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     fid = lambda gen: S.fid(gen, data, cfg.fid_samples, cfg.fid_ref, device, extractor=inception)[0]   # seeds 10^7..
@@ -378,7 +379,9 @@ def curves(cfg, device):
                 json.dump(cached, f, indent=1)
         reference = ('teacher', cached[key])
         print(f'teacher (Heun, {2 * cfg.heun_steps - 1} NFE): FID {cached[key]:.2f} ({cfg.fid_samples} samples vs {len(ref)})', flush=True)
-    for folder in [f for f in cfg.curve_runs.split(',') if f]:
+    for entry in [f for f in cfg.curve_runs.split(',') if f]:
+        label, _, folder = entry.rpartition(':')
+        label = label or os.path.basename(os.path.normpath(folder))
         path, found = os.path.join(folder, f'curve-{cfg.fid_samples}vs{len(ref)}.json'), {}   # one cache per protocol
         done = json.load(open(path)) if os.path.exists(path) else {}
         snaps = os.path.join(folder, 'snapshots')
@@ -404,7 +407,7 @@ def curves(cfg, device):
             if key in done:
                 print(f'{folder} {key}: {done[key]["updates"]} generator updates, FID {done[key]["fid"]:.2f} '
                       f'({cfg.fid_samples} samples vs {len(ref)})', flush=True)
-                series.setdefault(os.path.basename(os.path.normpath(folder)), []).append((done[key]['updates'], done[key]['fid']))
+                series.setdefault(label, []).append((done[key]['updates'], done[key]['fid']))
     if plot(series, path := os.path.join(cfg.figures, 'fid_curves.png'), dm_steps, cfg.fid_samples, reference):
         print(f'wrote {path}', flush=True)
 

@@ -1672,6 +1672,10 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     seen = net.seen
     E.curves(cfg, torch.device('cpu'))                                    # both points cached: no image generated
     assert net.seen == seen and Image.open(tmp_path / 'fig' / 'fid_curves.png').size == (640, 400)
+    plotted = []                                                          # LABEL:FOLDER names the plot line
+    monkeypatch.setattr(E, 'plot', lambda series, *a, **k: plotted.append(series))
+    E.curves(dataclasses_replace(cfg, curve_runs=f'K = 2:{run}'), torch.device('cpu'))
+    assert plotted == [{'K = 2': [(5, done['dm:5']['fid']), (15, done['adm:5']['fid']), (22, done['adm:12']['fid'])]}]
     E.curves(dataclasses_replace(cfg, fid_samples=6), torch.device('cpu'))      # another protocol: computed anew
     again = json.loads((run / 'curve-6vs20.json').read_text())
     assert sorted(again) == ['adm:12', 'adm:5', 'dm:5'] and again['adm:5']['fid'] != done['adm:5']['fid']
