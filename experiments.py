@@ -58,7 +58,7 @@ class GridConfig:
     parts: str = opt('train,eval,report', 'what to do: features (reference features only), train, eval, report, '
                                           'curves (FID of every snapshot and msd.pt in --curve_runs)')
     curve_runs: str = opt('', 'comma-separated train.py run folders (snapshots/ from --snapshot_every, msd.pt), for --parts '
-                              'curves; LABEL:FOLDER names its plot line (default: the folder\'s name)')
+                              'curves; LABEL:FOLDER names its plot line (default: the folder\'s name; the legend shows 10 characters)')
     runs: str = opt('k1,k4,k4-dm,k2,k4-random,k4-half,k1-dm', 'the training runs (and their rows) to train and evaluate; '
                                                              'the teacher\'s row is always evaluated')
     device: str = opt('auto', 'auto, cpu or cuda')
@@ -363,6 +363,7 @@ def curves(cfg, device):
     every point): how a recipe's FID falls with generator updates. Cached per run folder and protocol in
     curve-{fid_samples}vs{n_ref}.json; prints one line per point and plots the runs, one line each (named by
     LABEL in LABEL:FOLDER, else by folder), with the teacher's FID on the same seeds (--teacher, cached in --out), in {figures}/fid_curves.png."""
+    curve_runs(cfg.curve_runs)                                           # a bad --curve_runs fails before any work
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     fid = lambda gen: S.fid(gen, data, cfg.fid_samples, cfg.fid_ref, device, extractor=inception)[0]   # seeds 10^7..
@@ -379,9 +380,7 @@ def curves(cfg, device):
                 json.dump(cached, f, indent=1)
         reference = ('teacher', cached[key])
         print(f'teacher (Heun, {2 * cfg.heun_steps - 1} NFE): FID {cached[key]:.2f} ({cfg.fid_samples} samples vs {len(ref)})', flush=True)
-    for entry in [f for f in cfg.curve_runs.split(',') if f]:
-        label, _, folder = entry.rpartition(':')
-        label = label or os.path.basename(os.path.normpath(folder))
+    for label, folder in curve_runs(cfg.curve_runs):
         path, found = os.path.join(folder, f'curve-{cfg.fid_samples}vs{len(ref)}.json'), {}   # one cache per protocol
         done = json.load(open(path)) if os.path.exists(path) else {}
         snaps = os.path.join(folder, 'snapshots')
@@ -410,6 +409,21 @@ def curves(cfg, device):
                 series.setdefault(label, []).append((done[key]['updates'], done[key]['fid']))
     if plot(series, path := os.path.join(cfg.figures, 'fid_curves.png'), dm_steps, cfg.fid_samples, reference):
         print(f'wrote {path}', flush=True)
+
+
+def curve_runs(spec):
+    """--curve_runs as [(label, folder)]: each comma-separated entry a run folder, or LABEL:FOLDER (an entry
+    that is itself a folder is never split at a ':'); every folder exists and every label is used once."""
+    runs = []
+    for entry in [e for e in spec.split(',') if e]:
+        label, _, folder = ('', '', entry) if os.path.isdir(entry) else entry.rpartition(':')
+        label = label or os.path.basename(os.path.normpath(folder))
+        if not os.path.isdir(folder):
+            raise ValueError(f'--curve_runs: {entry!r}: no run folder {folder!r}')
+        if label in [name for name, _ in runs]:
+            raise ValueError(f'--curve_runs: two runs named {label!r} (name them LABEL:FOLDER)')
+        runs.append((label, folder))
+    return runs
 
 
 def point_generator(files, num_classes):

@@ -1627,7 +1627,8 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     without snapshots/); its FID is that of the snapshots' (or msd.pt's) MSD generator (seeds 10^7..,
     balanced labels) against the reference, and the teacher's (Heun) on the same seeds is the plot's
     reference line; points in curve-12vs20.json and the teacher's FID are not recomputed, but another sample
-    count computes its own points; one plot line per run folder."""
+    count computes its own points; one plot line per run folder, named LABEL in LABEL:FOLDER (a repeated
+    name or a missing folder is an error)."""
     import experiments as E
     from dataclasses import asdict
     from student import Student
@@ -1676,6 +1677,12 @@ def test_curves_fid_per_snapshot_cached_and_plotted(tmp_path, monkeypatch):
     monkeypatch.setattr(E, 'plot', lambda series, *a, **k: plotted.append(series))
     E.curves(dataclasses_replace(cfg, curve_runs=f'K = 2:{run}'), torch.device('cpu'))
     assert plotted == [{'K = 2': [(5, done['dm:5']['fid']), (15, done['adm:5']['fid']), (22, done['adm:12']['fid'])]}]
+    assert E.curve_runs(f'{run},a:b:{run}') == [('k2', str(run)), ('a:b', str(run))]     # split at the last ':'
+    os.makedirs(colon := tmp_path / 'k2:copy')                          # a folder whose name has a ':' is not split
+    assert E.curve_runs(str(colon)) == [('k2:copy', str(colon))]
+    for bad, says in ((f'{run},k2:{run}', "two runs named 'k2'"), (f'K:{tmp_path}/none', 'no run folder')):
+        with pytest.raises(ValueError, match=says):
+            E.curve_runs(bad)
     E.curves(dataclasses_replace(cfg, fid_samples=6), torch.device('cpu'))      # another protocol: computed anew
     again = json.loads((run / 'curve-6vs20.json').read_text())
     assert sorted(again) == ['adm:12', 'adm:5', 'dm:5'] and again['adm:5']['fid'] != done['adm:5']['fid']
