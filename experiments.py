@@ -362,8 +362,9 @@ def curves(cfg, device):
     end of its last stage (fid_samples one-step images against fid_ref training images, the same seeds for
     every point): how a recipe's FID falls with generator updates. Cached per run folder and protocol in
     curve-{fid_samples}vs{n_ref}.json; prints one line per point and plots the runs, one line each (named by
-    LABEL in LABEL:FOLDER, else by folder), with the teacher's FID on the same seeds (--teacher, cached in --out), in {figures}/fid_curves.png."""
-    curve_runs(cfg.curve_runs)                                           # a bad --curve_runs fails before any work
+    LABEL in LABEL:FOLDER, else by folder), with the teacher's FID on the same seeds (--teacher, cached in
+    --out), in {figures}/fid_curves.png."""
+    runs = curve_runs(cfg.curve_runs)                                    # a bad --curve_runs fails before any work
     data, inception = load_data(cfg.data), S.inception(device)
     ref, _ = S.reference(data, cfg.fid_ref, inception)
     fid = lambda gen: S.fid(gen, data, cfg.fid_samples, cfg.fid_ref, device, extractor=inception)[0]   # seeds 10^7..
@@ -380,7 +381,7 @@ def curves(cfg, device):
                 json.dump(cached, f, indent=1)
         reference = ('teacher', cached[key])
         print(f'teacher (Heun, {2 * cfg.heun_steps - 1} NFE): FID {cached[key]:.2f} ({cfg.fid_samples} samples vs {len(ref)})', flush=True)
-    for label, folder in curve_runs(cfg.curve_runs):
+    for label, folder in runs:
         path, found = os.path.join(folder, f'curve-{cfg.fid_samples}vs{len(ref)}.json'), {}   # one cache per protocol
         done = json.load(open(path)) if os.path.exists(path) else {}
         snaps = os.path.join(folder, 'snapshots')
