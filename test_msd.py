@@ -502,39 +502,6 @@ def test_train_student_uses_own_classes_and_stage_learning_rates(tmp_path):
     assert (presets['imagenet64'].lr, presets['imagenet64'].adm_lr, presets['fashion'].adm_lr) == (2e-6, 5e-7, 0.0)
 
 
-def test_student_ema_is_the_closed_form_and_leaves_training_alone(tmp_path):
-    """--student_ema h: the ADM student written is the EMA beta^n G_0 + sum_i (1 - beta) beta^(n-i) G_i, beta =
-    0.5^(1/h), G_i the raw student after ADM update i and G_0 the one ADM starts from (DM's last), and the raw
-    training (G, fake score) is bitwise that of the same run without the EMA."""
-    import train
-    torch.manual_seed(0)
-    teacher = randomize(EDMPrecond(FLAT)).eval()
-    data = S.ImageData(torch.arange(6).repeat(4), 6, (1, 8, 8), images=torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8))
-    runs = {}
-    for h in (0.0, 2.0):
-        out = tmp_path / str(h)
-        for d in ('ckpt', 'grids'):
-            os.makedirs(out / d)
-        cfg = train.Config(out=str(out), students=1, batch=2, ratio=1, dm_steps=2, adm_steps=3, warmup=1, grid_every=0,
-                           snapshot_every=1, student_ema=h)
-        train.train_student(cfg, train.Dist(), 0, [list(range(6))], data, teacher, ['dm', 'adm'], None, 1)
-        runs[h] = out
-    load = lambda h, *p: torch.load(os.path.join(runs[h], *p), weights_only=True)
-    plain, with_ema = load(0.0, 'ckpt', 'adm-student0.pt'), load(2.0, 'ckpt', 'adm-student0.pt')
-    for net in ('G', 'fake'):
-        assert all(torch.equal(v, with_ema[net][k]) for k, v in plain[net].items()), net
-    raw = [load(0.0, 'snapshots', 'dm-student0-step2.pt')['state_dict']]          # G_0, then G_1..G_3
-    raw += [load(0.0, 'snapshots', f'adm-student0-step{i}.pt')['state_dict'] for i in (1, 2, 3)]
-    beta, n = 0.5 ** (1 / 2.0), 3
-    written = load(2.0, 'student0.pt')['state_dict']
-    assert written.keys() == raw[0].keys()
-    for k in written:
-        expect = beta ** n * raw[0][k] + sum((1 - beta) * beta ** (n - i) * raw[i][k] for i in range(1, n + 1))
-        assert torch.allclose(written[k], expect, atol=1e-6), k
-    assert not all(torch.equal(written[k], raw[n][k]) for k in written)                 # the EMA is not G itself
-    assert all(torch.equal(v, with_ema['G_ema'][k]) for k, v in written.items())          # and it resumes
-
-
 def test_attention_logits_and_gan_head_in_float32_under_bf16_autocast():
     """Inside a bf16 autocast region the attention logits and their softmax (EDM) and the GAN head (DMD2)
     still compute in float32, while the convolutions around them run in bf16."""

@@ -19,7 +19,6 @@ The teacher stage is data parallel over all ranks. The run folder (on a filesyst
 config.json, teacher.pt, ckpt/ (resumable state per stage and student), student{k}.pt, msd.pt, grids/, metrics.jsonl.
 """
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -93,8 +92,6 @@ class Config:
     gan_critic_weight: float = opt(1e-2, 'GAN critic loss weight (DMD2: 1e-2)')
     regression_weight: float = opt(0.0, 'DM regression loss weight (DMD: 0.25 with LPIPS; L2 without; 0: off)')
     regression_pairs: int = opt(256, 'number of teacher (z -> Heun sample) pairs, over all classes')
-    student_ema: float = opt(0.0, 'half-life in generator updates of an EMA of the student, restarted each DM / ADM '
-                                  'stage; the EMA is the trained student (0: off; MSD and DMD2 keep none)')
     # logging and evaluation
     log_every: int = opt(10, 'log losses every this many steps')
     grid_every: int = opt(10, 'also a student sample grid every this many generator steps (0: stage end only)')
@@ -118,12 +115,12 @@ PRESETS = {
     # than DMD2's 3e-3; ratio 1 diverged in DM and 2 in ADM; a batch-8 iteration costs 0.55-0.6x one at batch 16.
     # --teacher '' trains a teacher first (1.37M parameters).
     'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, batch=8, dm_steps=120, adm_steps=200, warmup=20,
-                      gan_gen_weight=3e-2, student_ema=20, fid_samples=1000, fid_ref=1000),
+                      gan_gen_weight=3e-2, fid_samples=1000, fid_ref=1000),
     # Every stage, smaller students included, tiny sizes: the CI / torchrun check.
     'smoke': Config(out='runs/smoke', stages='teacher,tsm,dm,adm', model_channels=16, channel_mult='1,2', num_blocks=1,
                     attn_resolutions='14', channels_per_head=16, teacher_steps=30, teacher_batch=16, teacher_lr=2e-3,
                     heun_steps=4, student_width=0.5, batch=8, tsm_steps=6, dm_steps=3, adm_steps=2, ratio=2, warmup=2,
-                    log_every=2, ckpt_every=2, fid_samples=0, regression_weight=0.25, regression_pairs=8, student_ema=1),
+                    log_every=2, ckpt_every=2, fid_samples=0, regression_weight=0.25, regression_pairs=8),
     # MSD's ImageNet-64 setting for NVIDIA's edm-imagenet-64x64-cond-adm.pkl (give --teacher and --data): 4 contiguous
     # students of 250 classes, DMD2's hyper-parameters (the defaults: AdamW, weight decay 0.01, clip 10, ratio 5, GAN
     # weights 3e-3 / 1e-2), batch 40 per GPU, bf16; 4000 generator steps = 20k iterations. ADM at 5e-7: DMD2's best
@@ -459,11 +456,10 @@ def train_student(cfg, d, k, groups, data, teacher, stages, group, n_ranks):
         run.lpips, how = L.lpips_if_present(d.device)
         if d.main and k == 0:
             print(f'regression loss: {how}, on {len(pairs["z"])} teacher pairs over all classes', flush=True)
-    trained = G
     for stage in [s for s in stages if s != 'tsm' or smaller]:
-        trained = train_stage(run, G, fake, stage, groups, pairs if stage == 'dm' else None)   # regression: DM only
+        train_stage(run, G, fake, stage, groups, pairs if stage == 'dm' else None)      # regression: DM only
     if d.rank % n_ranks == 0:
-        atomic_save(student_record(trained, k, groups, cfg), os.path.join(cfg.out, f'student{k}.pt'))
+        atomic_save(student_record(G, k, groups, cfg), os.path.join(cfg.out, f'student{k}.pt'))
 
 
 def start_stage(run, stage, parts):
@@ -482,18 +478,8 @@ def start_stage(run, stage, parts):
     return 0
 
 
-def ema_update(ema, G, halflife):
-    """theta_ema <- beta theta_ema + (1 - beta) theta, beta = 0.5^(1 / halflife): after n updates the weights of
-    n updates ago count half as much as the newest."""
-    beta = 0.5 ** (1 / halflife)
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), G.parameters()):
-            e.lerp_(p, 1 - beta)
-
-
 def train_stage(run, G, fake, stage, groups, pairs=None):
-    """One stage of one student: TSM steps or DM / ADM iterations (TTUR); logs, ckpt/, snapshots/ and grids/.
-    Returns the trained student: G, or with --student_ema its EMA (G itself goes on to the next stage)."""
+    """One stage of one student: TSM steps or DM / ADM iterations (TTUR); logs, ckpt/, snapshots/ and grids/."""
     cfg, d, k, leader = run.cfg, run.d, run.k, run.d.rank % run.n == 0
     steps, tsm, adm = getattr(cfg, f'{stage}_steps'), stage == 'tsm', stage == 'adm'
     lr = (cfg.adm_lr or cfg.lr) if adm else cfg.lr
@@ -501,13 +487,7 @@ def train_stage(run, G, fake, stage, groups, pairs=None):
     go, gsched = make_optimizer(list(G.parameters()), glr, cfg, steps_per_update=1 if tsm else cfg.ratio)
     fo, fsched = make_optimizer(list(fake.parameters()), lr, cfg)
     parts = dict(G=G, fake=fake, opt_G=go, sched_G=gsched, opt_fake=fo, sched_fake=fsched)
-    # An EMA of the student smooths the weight noise of small batches (a FID gain on the CPU preset, RESULTS.md).
-    ema = parts['G_ema'] = copy.deepcopy(G).requires_grad_(False) if cfg.student_ema > 0 and not tsm else None
-    parts = {a: b for a, b in parts.items() if b is not None}
     run.stage, run.step = stage, start_stage(run, stage, parts)
-    if ema is not None and run.step == 0:
-        ema.load_state_dict(G.state_dict())                                  # a new stage: the EMA starts at G
-    trained = G if ema is None else ema
     # A resumed stage keeps its optimiser moments but runs at the learning rates given now: continuing a finished
     # ADM stage with a lower --adm_lr is a step decay (DMD2's best ImageNet-64 run resumed at a lower rate).
     for o, sched, base in ((go, gsched, glr), (fo, fsched, lr)):
@@ -519,8 +499,6 @@ def train_stage(run, G, fake, stage, groups, pairs=None):
     while step < steps:
         info = (tsm_step(run, G, go, gsched) if tsm
                 else distill_iteration(run, G, fake, go, gsched, fo, fsched, adm, pairs))
-        if ema is not None:
-            ema_update(ema, G, cfg.student_ema)
         step = run.step = step + 1
         bar.set_postfix_str(' '.join(f'{a} {b:.4g}' for a, b in info.items() if a[:4] != 'grad'), refresh=False)
         bar.update()
@@ -531,18 +509,17 @@ def train_stage(run, G, fake, stage, groups, pairs=None):
                        stage=stage, student=k, step=step, partition=groups, config=asdict(cfg))
         if leader and cfg.snapshot_every and step % cfg.snapshot_every == 0 and not tsm:
             os.makedirs(os.path.join(cfg.out, 'snapshots'), exist_ok=True)
-            atomic_save(student_record(trained, k, groups, cfg),
+            atomic_save(student_record(G, k, groups, cfg),
                         os.path.join(cfg.out, 'snapshots', f'{stage}-student{k}-step{step}.pt'))
         if leader and cfg.grid_every and step % cfg.grid_every == 0:
-            S.save_grid(S.class_grid(trained, run.data.num_classes, 4, G.net.cfg, classes=groups[k], device=d.device),
+            S.save_grid(S.class_grid(G, run.data.num_classes, 4, G.net.cfg, classes=groups[k], device=d.device),
                         os.path.join(cfg.out, 'grids', f'{stage}-student{k}-step{step}.png'))
     bar.close()
     if leader and step > step0:     # throughput: a generator step generates batch x (ratio + 1) images
         log_throughput(cfg, stage, k, step - step0, time.time() - t0, cfg.batch * run.n * (1 if tsm else cfg.ratio + 1))
     if leader:
-        S.save_grid(S.class_grid(trained, run.data.num_classes, 8, G.net.cfg, classes=groups[k], device=d.device),
+        S.save_grid(S.class_grid(G, run.data.num_classes, 8, G.net.cfg, classes=groups[k], device=d.device),
                     os.path.join(cfg.out, 'grids', f'{stage}-student{k}.png'))
-    return trained
 
 
 def student_record(G, k, groups, cfg):
