@@ -103,23 +103,24 @@ def fake_score_loss(D_fake, x_fake, labels, grid, sigma_data=0.5):
     return edm_loss(D_fake, x_fake.detach(), labels, sigma, sigma_data)
 
 
-def _renoise(x, grid):
-    sigma = sample_grid_sigma(x.shape[0], grid, 0.0, 1.0, x.device)
+def _renoise(x, grid, hi):
+    sigma = sample_grid_sigma(x.shape[0], grid, 0.0, hi, x.device)
     return x + sigma * torch.randn_like(x), sigma
 
 
-def gan_critic_loss(critic, x_real, y_real, x_fake, y_fake, grid):
+def gan_critic_loss(critic, x_real, y_real, x_fake, y_fake, grid, hi=1.0):
     """DMD2 GAN critic: softplus(critic(fake)) + softplus(-critic(real)) on images re-noised at random
-    grid sigmas (the non-saturating logistic loss; softplus(-l) = -log sigmoid(l)). `critic(x_t, sigma, y)`
-    returns one logit per image."""
-    xr, sr = _renoise(x_real, grid)
-    xf, sf = _renoise(x_fake.detach(), grid)
+    sigmas from the lowest fraction `hi` of the grid (DMD2: diffusion_gan_max_timestep / 1000, 1 there)
+    (the non-saturating logistic loss; softplus(-l) = -log sigmoid(l)). `critic(x_t, sigma, y)` returns
+    one logit per image."""
+    xr, sr = _renoise(x_real, grid, hi)
+    xf, sf = _renoise(x_fake.detach(), grid, hi)
     return F.softplus(critic(xf, sf, y_fake)) + F.softplus(-critic(xr, sr, y_real))
 
 
-def gan_generator_loss(critic, x_fake, labels, grid):
+def gan_generator_loss(critic, x_fake, labels, grid, hi=1.0):
     """DMD2 GAN generator: softplus(-critic(fake)), gradients flow through the critic into x_fake."""
-    xf, sf = _renoise(x_fake, grid)
+    xf, sf = _renoise(x_fake, grid, hi)
     return F.softplus(-critic(xf, sf, labels))
 
 

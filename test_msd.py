@@ -360,6 +360,26 @@ def test_distill_iteration_roles_noise_levels_and_classes(adm):
         assert same(gen, [g for g in G.calls if g['grad_mode']])
 
 
+def test_gan_noise_limits_the_critic_sigmas_to_the_low_end_of_the_grid():
+    """--gan_noise f: the GAN critic and the generator's GAN term re-noise at grid indices 0..f*1000 only
+    (DMD2's diffusion_gan_max_timestep), real and generated images alike; the fake score's and DM's sigmas keep
+    their ranges (whole grid; 2-98%)."""
+    import train
+    torch.manual_seed(0)
+    G, teacher, fake = SpyGenerator(-1000.0), SpyNet(0.5), SpyNet(0.5, c=1.0)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake, gan_noise=0.4)
+    for _ in range(3):
+        train.distill_iteration(run, G, fake, go, gs, fo, fs, adm=True)
+    critic = fake.seen('critic')
+    for calls in (critic, [c for c in critic if c['x'].mean() > 0], fake.seen('critic', x_grad=True)):
+        i = grid_index(run, calls)
+        assert i.max() <= 400, i.max()
+    i = grid_index(run, critic)
+    assert i.min() < 20 and i.max() > 360
+    assert grid_index(run, fake.seen('denoise', grad_mode=True)).max() > 980
+    assert grid_index(run, teacher.calls).max() > 500
+
+
 @pytest.mark.parametrize('adm', [False, True], ids=['dm', 'adm'])
 def test_generator_step_moves_toward_the_teacher(adm):
     """Known answer: with D_real = a and D_fake = b (constants), the generator's gradient is
