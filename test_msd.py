@@ -370,12 +370,10 @@ def test_gan_noise_limits_the_critic_sigmas_to_the_low_end_of_the_grid():
     run, go, gs, fo, fs = spy_run(G, teacher, fake, gan_noise=0.4)
     for _ in range(3):
         train.distill_iteration(run, G, fake, go, gs, fo, fs, adm=True)
-    critic = fake.seen('critic')
-    for calls in (critic, [c for c in critic if c['x'].mean() > 0], fake.seen('critic', x_grad=True)):
-        i = grid_index(run, calls)
-        assert i.max() <= 400, i.max()
+    critic = fake.seen('critic')                     # real, generated (critic update) and generator-term calls
+    assert any(c['x'].mean() > 0 for c in critic) and fake.seen('critic', x_grad=True)
     i = grid_index(run, critic)
-    assert i.min() < 20 and i.max() > 360
+    assert i.max() <= 400 and i.min() < 20 and i.max() > 360, (i.min(), i.max())
     assert grid_index(run, fake.seen('denoise', grad_mode=True)).max() > 980
     assert grid_index(run, teacher.calls).max() > 500
 

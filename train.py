@@ -115,7 +115,7 @@ PRESETS = {
     # GAN generator weight 3e-2 (0.1: 49.9 vs 45.8); 5 critic updates (200 DM updates at 2: 48.4); regression loss off
     # (0.25, pixel L2: 45.6). From FID curves not kept: lr 1e-4 beat 3e-4 and 1e-3; 3e-2 gained more per ADM update
     # than DMD2's 3e-3; ratio 1 diverged in DM and 2 in ADM; a batch-8 iteration costs 0.55-0.6x one at batch 16.
-    # 40 DM + 265 ADM updates: 48.8; the preset with --seed 1: 48.3 (two runs differ by ~2.5: none of these resolved).
+    # 40 DM + 265 ADM updates: 48.8; the preset with --seed 1, 2: 48.3, 46.8 (SD 1.3: none of these resolved).
     # The GAN re-noised at sigma <= 0.97 only (--gan_noise 0.4): 43.7, 46.7, 47.1 against 45.8, 48.3, 46.8 at seeds 0-2
     # from the same DM states (1.2 lower on average, not resolved), and K = 1 at 1,250 updates 28.6 against 23.7: DMD2's
     # whole grid kept.
