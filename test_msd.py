@@ -1620,6 +1620,27 @@ def test_grid_runs_only_the_selected_runs(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / 'x')
 
 
+def test_train_minutes_probe_times_steady_iterations(tmp_path, monkeypatch):
+    """--train_minutes: the probe's rate is the slope between a student's first and last logged DM step, not its
+    mean over all steps (whose first steps pay for start-up): here 8 steps in 4 s after a 10 s first stretch, so
+    2 it/s where the mean would say 1; the slowest student sets the steps: 0.85 * 60 s * 1.5 / 1.15 = 66 updates,
+    60% DM and 40% ADM in whole snapshot intervals."""
+    import experiments as E
+    recs = lambda k, dt: [dict(stage='dm', student=k, step=s, sec=t) for s, t in ((4, 10.0), (8, 10 + dt), (12, 10 + 2 * dt))]
+    assert E.probe_rate(recs(0, 2.0) + recs(1, 4 / 1.5) + [dict(stage='dm', student=0, throughput=True, steps=12, sec=14.0)]) \
+        == pytest.approx({0: 2.0, 1: 1.5})
+    def fake_run_all(cmds, jobs, log):                          # every probe run writes two students' records
+        for c in cmds:
+            out = c[c.index('--out') + 1]
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, 'metrics.jsonl'), 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in recs(0, 2.0) + recs(1, 4 / 1.5))
+        return 1.0
+    monkeypatch.setattr(E, 'run_all', fake_run_all)
+    cfg = E.GridConfig(out=str(tmp_path), runs='k1', train_minutes=1.0, snapshot_every=5)
+    assert E.probe_steps(cfg, 't.pt') == (35, 25)              # int(0.85 * 60 * 1.5 / 1.15) = 66: 39.6 -> 35, 26.4 -> 25
+
+
 def test_plot_axis_spans_the_data_and_series_keep_their_colors(tmp_path):
     """FID curves between 30 and 40: the lowest point sits in the bottom fifth of the plot area and the highest
     in the top fifth (an axis from 0 would put 30 at three quarters of the height); eight series, eight colours."""
