@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -247,6 +248,7 @@ def probe_steps(cfg, teacher):
     """Iterations per student that fit cfg.train_minutes with all students training at once: run 16 DM
     iterations of every student together and take the slowest one's steady rate (steps 4 to 16)."""
     runs = selected(cfg)
+    shutil.rmtree(os.path.join(cfg.out, 'probe'), ignore_errors=True)   # a stale probe would resume, its clocks restarted
     cmds = [train_command(cfg, r, teacher, 16, 0, k, os.path.join(cfg.out, 'probe', r[0])) +
             ['--stages', 'dm', '--warmup', '1', '--log_every', '4', '--snapshot_every', '0'] for r in runs for k in range(r[1])]
     run_all(cmds, cfg.jobs, os.path.join(cfg.out, 'probe', 'logs'))

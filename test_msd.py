@@ -1629,15 +1629,17 @@ def test_train_minutes_probe_times_steady_iterations(tmp_path, monkeypatch):
     recs = lambda k, dt: [dict(stage='dm', student=k, step=s, sec=t) for s, t in ((4, 10.0), (8, 10 + dt), (12, 10 + 2 * dt))]
     assert E.probe_rate(recs(0, 2.0) + recs(1, 4 / 1.5) + [dict(stage='dm', student=0, throughput=True, steps=12, sec=14.0)]) \
         == pytest.approx({0: 2.0, 1: 1.5})
-    def fake_run_all(cmds, jobs, log):                          # every probe run writes two students' records
+    def fake_run_all(cmds, jobs, log):                          # every probe run appends two students' records
         for c in cmds:
             out = c[c.index('--out') + 1]
             os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, 'metrics.jsonl'), 'w') as f:
+            with open(os.path.join(out, 'metrics.jsonl'), 'a') as f:
                 f.writelines(json.dumps(r) + '\n' for r in recs(0, 2.0) + recs(1, 4 / 1.5))
         return 1.0
     monkeypatch.setattr(E, 'run_all', fake_run_all)
     cfg = E.GridConfig(out=str(tmp_path), runs='k1', train_minutes=1.0, snapshot_every=5)
+    os.makedirs(tmp_path / 'probe' / 'k1')                     # a stale probe's records (a slow student) are not read
+    (tmp_path / 'probe' / 'k1' / 'metrics.jsonl').write_text(json.dumps(dict(stage='dm', student=1, step=2, sec=1.0)) + '\n')
     assert E.probe_steps(cfg, 't.pt') == (35, 25)              # int(0.85 * 60 * 1.5 / 1.15) = 66: 39.6 -> 35, 26.4 -> 25
 
 
