@@ -378,6 +378,23 @@ def test_gan_noise_limits_the_critic_sigmas_to_the_low_end_of_the_grid():
     assert grid_index(run, teacher.calls).max() > 500
 
 
+def test_dm_noise_limits_the_dm_sigmas_and_nothing_else():
+    """--dm_noise f: DM's teacher and frozen fake-score calls draw grid indices 20..f*1000 only (DMD2's
+    min/max_step_percent 0.02 and f), whereas the fake score's own loss keeps the whole grid."""
+    import train
+    torch.manual_seed(0)
+    G, teacher, fake = SpyGenerator(-1000.0), SpyNet(0.5), SpyNet(0.5, c=1.0)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake, dm_noise=0.6)
+    for _ in range(5):
+        train.distill_iteration(run, G, fake, go, gs, fo, fs, adm=False)
+    for calls in (teacher.calls, fake.seen('denoise', grad_mode=False)):
+        i = grid_index(run, calls)
+        assert 20 <= i.min() < 60 and 550 < i.max() <= 600, (i.min(), i.max())
+    assert grid_index(run, fake.seen('denoise', grad_mode=True)).max() > 980
+    with pytest.raises(ValueError, match='dm_noise'):
+        train.check_config(train.Config(dm_noise=0.01))
+
+
 @pytest.mark.parametrize('adm', [False, True], ids=['dm', 'adm'])
 def test_generator_step_moves_toward_the_teacher(adm):
     """Known answer: with D_real = a and D_fake = b (constants), the generator's gradient is
