@@ -119,8 +119,8 @@ PRESETS = {
     # 40 DM + 265 ADM updates: 48.8; the preset with --seed 1, 2: 48.3, 46.8 (SD 1.3: none of these resolved).
     # The GAN re-noised at sigma <= 0.97 only (--gan_noise 0.4): 43.7, 46.7, 47.1 against 45.8, 48.3, 46.8 at seeds 0-2
     # from the same DM states (1.2 lower on average, not resolved), and K = 1 at 1,250 updates 28.6 against 23.7: DMD2's
-    # whole grid kept. DM's sigmas capped at grid fraction 0.5 (sigma <= 2.5; DMD2: 0.98, sigma <= 72): 40.8 and 41.3 at
-    # seeds 0, 1 against 45.8, 48.3; at 0.6 (sigma <= 5.9) 41.5, at 0.4 (sigma <= 0.97) 44.1 (seed 0).
+    # whole grid kept. DM's sigmas capped at grid fraction 0.5 (sigma <= 2.5; DMD2: 0.98, sigma <= 72): 40.8, 41.3, 41.2 at
+    # seeds 0-2 against 45.8, 48.3, 46.8; at 0.6 (sigma <= 5.9) 41.5, at 0.4 (sigma <= 0.97) 44.1 (seed 0).
     # --teacher '' trains a teacher first (1.37M parameters).
     'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, batch=8, dm_steps=120, adm_steps=200, warmup=20,
                       gan_gen_weight=3e-2, dm_noise=0.5, fid_samples=1000, fid_ref=1000),
