@@ -1616,6 +1616,8 @@ def test_report_tables_verdicts_and_plot(tmp_path):
     steps = lambda cmd: (cmd[cmd.index('--dm_steps') + 1], cmd[cmd.index('--adm_steps') + 1])
     assert steps(E.train_command(cfg, runs['k4-dm'], 't.pt', 20, 10)) == ('30', '0')
     assert steps(E.train_command(cfg, runs['k4'], 't.pt', 20, 10)) == ('20', '10')
+    cmd = E.train_command(cfg, runs['k4'], 't.pt', 20, 10)                # DM's noise range named: RESULTS.md's rows
+    assert cmd[cmd.index('--dm_noise') + 1] == '0.98'                    # rerun as they ran, whatever the preset holds
     some = {k: rows[k] for k in ('teacher', 'k1', 'k4')}                  # a subset (--runs k1,k4): only its claims
     assert [v[:3] for v in E.verdicts(some)] == ['(a)', '(b)'] and 'K = 1, 4 (DM + ADM): 30.00, 20.00: holds (monotone)' in E.verdicts(some)[1]
 

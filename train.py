@@ -589,10 +589,9 @@ def check_config(cfg):
             raise ValueError(f'--{name} must be at least 1')
     if not 0 < cfg.student_width <= 1:
         raise ValueError('--student_width must be in (0, 1]')
-    if not 0.02 < cfg.dm_noise <= 1:
-        raise ValueError('--dm_noise must be in (0.02, 1]')
-    if not 0 < cfg.gan_noise <= 1:
-        raise ValueError('--gan_noise must be in (0, 1]')
+    for name, lo in (('dm_noise', 0.02), ('gan_noise', 0)):                 # grid fractions, above DM's floor
+        if not lo < getattr(cfg, name) <= 1:
+            raise ValueError(f'--{name} must be in ({lo:g}, 1]')
     only = [int(v) for v in cfg.only_students.split(',') if v.strip()] or list(range(cfg.students))
     if any(not 0 <= v < cfg.students for v in only):
         raise ValueError(f'--only_students {cfg.only_students}: students are numbered 0..{cfg.students - 1}')
