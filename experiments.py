@@ -67,6 +67,7 @@ class GridConfig:
     batch: int = opt(16, 'per-student batch (equal in every row)')
     lr: float = opt(1e-4, 'AdamW learning rate of DM and ADM')
     dm_noise: float = opt(0.98, 'DM\'s highest grid fraction (train.py --dm_noise; DMD2: 0.98, the rows of RESULTS.md)')
+    fake_noise: float = opt(1.0, 'the fake score\'s highest grid fraction (train.py --fake_noise; DMD2: 1, the rows of RESULTS.md)')
     tsm_steps: int = opt(300, 'TSM steps of the half-width students')
     dm_steps: int = opt(60, 'DM generator iterations per student (equal in every row)')
     adm_steps: int = opt(30, 'ADM generator iterations per student, after DM')
@@ -202,7 +203,7 @@ def train_command(cfg, run, teacher, dm_steps, adm_steps, k=None, out=None):
         dm_steps, adm_steps = dm_steps + adm_steps, 0
     cmd = [sys.executable, 'train.py', '--teacher', teacher, '--out', out or os.path.join(cfg.out, name), '--students', str(K),
            '--partition', part, '--student_width', str(width), '--stages', stages, '--batch', str(cfg.batch), '--lr', str(cfg.lr),
-           '--dm_noise', str(cfg.dm_noise), '--tsm_steps', str(cfg.tsm_steps), '--dm_steps', str(dm_steps),
+           '--dm_noise', str(cfg.dm_noise), '--fake_noise', str(cfg.fake_noise), '--tsm_steps', str(cfg.tsm_steps), '--dm_steps', str(dm_steps),
            '--adm_steps', str(adm_steps), '--heun_steps', str(cfg.heun_steps), '--snapshot_every', str(snap),
            '--grid_every', '0', '--fid_samples', '0', '--device', cfg.device]
     if cfg.data:

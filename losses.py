@@ -96,10 +96,11 @@ def dm_loss(D_real, D_fake, x, labels, grid, lo=0.02, hi=0.98):
     return 0.5 * per_sample_mean((x - target) ** 2)
 
 
-def fake_score_loss(D_fake, x_fake, labels, grid, sigma_data=0.5):
+def fake_score_loss(D_fake, x_fake, labels, grid, hi=1.0, sigma_data=0.5):
     """The fake score learns the generator's distribution: EDM denoising loss on detached generated
-    images, sigma uniform over the whole grid, lambda = 1/sigma^2 + 1/sd^2."""
-    sigma = sample_grid_sigma(x_fake.shape[0], grid, 0.0, 1.0, x_fake.device)
+    images, sigma uniform over the lowest fraction `hi` of the grid (DMD2: 1, the whole grid),
+    lambda = 1/sigma^2 + 1/sd^2."""
+    sigma = sample_grid_sigma(x_fake.shape[0], grid, 0.0, hi, x_fake.device)
     return edm_loss(D_fake, x_fake.detach(), labels, sigma, sigma_data)
 
 

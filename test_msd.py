@@ -395,6 +395,23 @@ def test_dm_noise_limits_the_dm_sigmas_and_nothing_else():
         train.check_config(train.Config(dm_noise=0.01))
 
 
+def test_fake_noise_limits_the_fake_score_sigmas_and_nothing_else():
+    """--fake_noise f: the fake score's own denoising loss draws grid indices 0..f*1000 only, whereas DM's
+    calls (2-98%) and the GAN critic's (whole grid) keep their ranges."""
+    import train
+    torch.manual_seed(0)
+    G, teacher, fake = SpyGenerator(-1000.0), SpyNet(0.5), SpyNet(0.5, c=1.0)
+    run, go, gs, fo, fs = spy_run(G, teacher, fake, fake_noise=0.5)
+    for _ in range(5):
+        train.distill_iteration(run, G, fake, go, gs, fo, fs, adm=True)
+    i = grid_index(run, fake.seen('denoise', grad_mode=True))
+    assert i.min() < 20 and 450 < i.max() <= 500, (i.min(), i.max())
+    assert grid_index(run, teacher.calls).max() > 700
+    assert grid_index(run, fake.seen('critic')).max() > 980
+    with pytest.raises(ValueError, match='fake_noise'):
+        train.check_config(train.Config(fake_noise=0))
+
+
 @pytest.mark.parametrize('adm', [False, True], ids=['dm', 'adm'])
 def test_generator_step_moves_toward_the_teacher(adm):
     """Known answer: with D_real = a and D_fake = b (constants), the generator's gradient is
@@ -1618,6 +1635,7 @@ def test_report_tables_verdicts_and_plot(tmp_path):
     assert steps(E.train_command(cfg, runs['k4'], 't.pt', 20, 10)) == ('20', '10')
     cmd = E.train_command(cfg, runs['k4'], 't.pt', 20, 10)                # DM's noise range named: RESULTS.md's rows
     assert cmd[cmd.index('--dm_noise') + 1] == '0.98'                    # rerun as they ran, whatever the preset holds
+    assert cmd[cmd.index('--fake_noise') + 1] == '1.0'
     some = {k: rows[k] for k in ('teacher', 'k1', 'k4')}                  # a subset (--runs k1,k4): only its claims
     assert [v[:3] for v in E.verdicts(some)] == ['(a)', '(b)'] and 'K = 1, 4 (DM + ADM): 30.00, 20.00: holds (monotone)' in E.verdicts(some)[1]
 
