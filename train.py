@@ -124,7 +124,7 @@ PRESETS = {
     # whole grid kept. DM's sigmas capped at grid fraction 0.5 (sigma <= 2.5; DMD2: 0.98, sigma <= 72): 40.8, 41.3, 41.2 at
     # seeds 0-2 against 45.8, 48.3, 46.8; at 0.6 (sigma <= 5.9) 41.5, at 0.4 (sigma <= 0.97) 44.1 (seed 0). The fake
     # score's own loss at grid fractions 0-0.5 too (--fake_noise 0.5; DMD2: the whole grid): 39.8, 41.0, 39.5 against
-    # 40.8, 41.3, 41.2. Not kept (seed 0, fake score over the whole grid): the GAN at sigma <= 0.97 44.9; ADM at lr 2e-4
+    # 40.8, 41.3, 41.2. Not kept (seed 0, fake score over the whole grid): the GAN at sigma <= 0.97 45.0; ADM at lr 2e-4
     # 41.6; 200 DM + 140 ADM 43.1; 80 DM + 230 ADM 40.6; 260 ADM updates 39.3 but 3.4 min more.
     # --teacher '' trains a teacher first (1.37M parameters).
     'fashion': Config(stages='teacher,dm,adm', teacher=FASHION_TEACHER, batch=8, dm_steps=120, adm_steps=200, warmup=20,
