@@ -203,9 +203,9 @@ def train_command(cfg, run, teacher, dm_steps, adm_steps, k=None, out=None):
         dm_steps, adm_steps = dm_steps + adm_steps, 0
     cmd = [sys.executable, 'train.py', '--teacher', teacher, '--out', out or os.path.join(cfg.out, name), '--students', str(K),
            '--partition', part, '--student_width', str(width), '--stages', stages, '--batch', str(cfg.batch), '--lr', str(cfg.lr),
-           '--dm_noise', str(cfg.dm_noise), '--fake_noise', str(cfg.fake_noise), '--tsm_steps', str(cfg.tsm_steps), '--dm_steps', str(dm_steps),
-           '--adm_steps', str(adm_steps), '--heun_steps', str(cfg.heun_steps), '--snapshot_every', str(snap),
-           '--grid_every', '0', '--fid_samples', '0', '--device', cfg.device]
+           '--dm_noise', str(cfg.dm_noise), '--fake_noise', str(cfg.fake_noise), '--tsm_steps', str(cfg.tsm_steps),
+           '--dm_steps', str(dm_steps), '--adm_steps', str(adm_steps), '--heun_steps', str(cfg.heun_steps),
+           '--snapshot_every', str(snap), '--grid_every', '0', '--fid_samples', '0', '--device', cfg.device]
     if cfg.data:
         cmd += ['--data', cfg.data]
     return cmd + (['--only_students', str(k)] if k is not None else [])
